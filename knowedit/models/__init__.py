@@ -1,0 +1,8 @@
+"""Model loading, the default offline model, architecture adapters and component names."""
+from .adapters import ADAPTERS, Adapter, ParamSlice, adapter_for
+from .components import Component, Edge, parse, validate
+from .handle import Batch, ModelHandle
+from .loading import load_model
+
+__all__ = ["ADAPTERS", "Adapter", "ParamSlice", "adapter_for", "Component", "Edge", "parse", "validate",
+           "Batch", "ModelHandle", "load_model"]

@@ -1,0 +1,121 @@
+"""Component names shared by circuits, reports and the CLI.
+
+Nodes: ``a{L}.h{H}`` (attention head), ``m{L}`` (MLP), ``emb``, ``logits``.
+Edges: ``src->dst`` where the destination may name a head input port,
+``a9.h6.q`` / ``.k`` / ``.v``; e.g. ``a5.h3->m7`` or ``a5.h3->a9.h6.q``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import KnoweditError
+
+_NODE = re.compile(r"^(?:a(\d+)\.h(\d+)(?:\.([qkv]))?|m(\d+)|emb|logits)$")
+
+
+@dataclass(frozen=True, order=True)
+class Component:
+    """One node of the computational graph. ``port`` is only set on head inputs."""
+
+    kind: str  # "head", "mlp", "emb", "logits"
+    layer: int = -1
+    head: int = -1
+    port: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.kind == "head":
+            return f"a{self.layer}.h{self.head}" + (f".{self.port}" if self.port else "")
+        if self.kind == "mlp":
+            return f"m{self.layer}"
+        return self.kind
+
+    def without_port(self) -> "Component":
+        return Component(self.kind, self.layer, self.head) if self.port else self
+
+    def __str__(self) -> str:
+        return self.name
+
+    def sort_key(self):
+        # Graph order: emb first, then by layer with the attention before the MLP, logits last.
+        order = {"emb": (-1, 0, 0), "logits": (10**9, 0, 0)}
+        if self.kind in order:
+            return order[self.kind]
+        return (self.layer, 0 if self.kind == "head" else 1, self.head)
+
+
+@dataclass(frozen=True)
+class Edge:
+    src: Component
+    dst: Component
+
+    @property
+    def name(self) -> str:
+        return f"{self.src.name}->{self.dst.name}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def head(layer: int, h: int) -> Component:
+    return Component("head", layer, h)
+
+
+def mlp(layer: int) -> Component:
+    return Component("mlp", layer)
+
+
+def parse_node(name: str) -> Component:
+    m = _NODE.match(name.strip())
+    if not m:
+        raise KnoweditError(
+            f"component {name!r} is not a valid name; use 'a{{L}}.h{{H}}' for a head, "
+            "'m{L}' for an MLP, 'emb' or 'logits' (e.g. 'a5.h3', 'm7')"
+        )
+    if m.group(1) is not None:
+        return Component("head", int(m.group(1)), int(m.group(2)), m.group(3) or "")
+    if m.group(4) is not None:
+        return Component("mlp", int(m.group(4)))
+    return Component(name.strip())
+
+
+def parse(name: str) -> Component | Edge:
+    """Parse a node or an edge name."""
+    if "->" in name:
+        src, dst = name.split("->", 1)
+        s, d = parse_node(src), parse_node(dst)
+        if s.port:
+            raise KnoweditError(f"edge {name!r}: a port (.q/.k/.v) belongs on the destination head only")
+        if s.kind == "logits" or d.kind == "emb":
+            raise KnoweditError(f"edge {name!r} runs backwards: edges go from emb/heads/MLPs towards logits")
+        return Edge(s, d)
+    node = parse_node(name)
+    return node
+
+
+def validate(item: Component | Edge | str, n_layers: int, n_heads: int) -> Component | Edge:
+    """Parse if needed and check layer and head indices against a model's shape."""
+    obj = parse(item) if isinstance(item, str) else item
+    nodes = [obj.src, obj.dst] if isinstance(obj, Edge) else [obj]
+    for c in nodes:
+        if c.kind in ("head", "mlp") and not 0 <= c.layer < n_layers:
+            raise KnoweditError(
+                f"component {c.name!r}: layer {c.layer} is out of range; this model has layers 0..{n_layers - 1}"
+            )
+        if c.kind == "head" and not 0 <= c.head < n_heads:
+            raise KnoweditError(
+                f"component {c.name!r}: head {c.head} is out of range; this model has heads 0..{n_heads - 1} per layer"
+            )
+    if isinstance(obj, Edge) and obj.src.kind != "emb" and obj.dst.kind != "logits":
+        if obj.src.sort_key() >= obj.dst.without_port().sort_key():
+            raise KnoweditError(f"edge {obj.name!r}: the source must come before the destination in the forward pass")
+    return obj
+
+
+def all_heads(n_layers: int, n_heads: int) -> list[Component]:
+    return [head(l, h) for l in range(n_layers) for h in range(n_heads)]
+
+
+def all_mlps(n_layers: int) -> list[Component]:
+    return [mlp(l) for l in range(n_layers)]
