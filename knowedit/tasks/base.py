@@ -17,7 +17,8 @@ class Task:
     """One prompt set. ``answers[i]`` / ``distractors[i]`` are single token ids for prompt i.
 
     ``distractor_positions[i]`` (optional) lists the token positions in ``clean[i]`` that hold the
-    distractors, found from the tokenization; attention steering needs them."""
+    distractors, found from the tokenization; attention steering needs them. ``positions`` (optional)
+    maps a role (e.g. ``"answer"``, ``"query"``) to per-prompt lists of token positions in ``clean[i]``."""
 
     name: str
     clean: list[str]
@@ -27,6 +28,7 @@ class Task:
     metric: str = "logit_diff"
     distractor_positions: list[list[int]] | None = None
     meta: dict = field(default_factory=dict)
+    positions: dict[str, list[list[int]]] | None = None
 
     def __post_init__(self):
         n = len(self.clean)
@@ -35,6 +37,9 @@ class Task:
         for fld in ("corrupt", "answers", "distractors"):
             if len(getattr(self, fld)) != n:
                 raise KnoweditError(f"task {self.name!r}: {fld} has {len(getattr(self, fld))} items, clean has {n}")
+        for role, per_prompt in (self.positions or {}).items():
+            if len(per_prompt) != n:
+                raise KnoweditError(f"task {self.name!r}: positions[{role!r}] has {len(per_prompt)} items, clean has {n}")
         if self.metric not in METRICS:
             raise KnoweditError(f"task {self.name!r}: metric {self.metric!r} is unknown; use one of {METRICS}")
 
@@ -44,9 +49,10 @@ class Task:
     def subset(self, idx) -> "Task":
         idx = list(idx)
         pos = [self.distractor_positions[i] for i in idx] if self.distractor_positions else None
+        roles = {r: [v[i] for i in idx] for r, v in self.positions.items()} if self.positions else None
         return Task(self.name, [self.clean[i] for i in idx], [self.corrupt[i] for i in idx],
                     [self.answers[i] for i in idx], [self.distractors[i] for i in idx], self.metric, pos,
-                    dict(self.meta))
+                    dict(self.meta), roles)
 
 
 def per_prompt_scores(logits: torch.Tensor, answers: torch.Tensor, distractors: torch.Tensor,
