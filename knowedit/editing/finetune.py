@@ -36,12 +36,13 @@ from .ft_objectives import batch_loss, forward_kwargs, make_batch
 from .masking import check_mask_handle, check_mode, pruned_elements
 
 _COMMON = {
-    "layers": [9], "num_steps": 25, "lr": 5e-4, "weight_decay": 0.0, "kl_factor": 0.0, "norm_constraint": None,
+    # layers None: the layer at 30% depth (9 of 30), where the default model's facts edit well
+    "layers": None, "num_steps": 25, "lr": 5e-4, "weight_decay": 0.0, "kl_factor": 0.0, "norm_constraint": None,
     "batch_size": 1, "max_length": 40, "rewrite_module_tmp": None, "early_stop_loss": 1e-2,
     "restrict_to_layers": False,
 }
-FT_L_DEFAULTS = {**_COMMON, "objective_optimization": "prompt_last", "norm_constraint": 5e-4}
-FT_M_DEFAULTS = {**_COMMON, "objective_optimization": "target_new"}
+FT_L_DEFAULTS = {**_COMMON, "objective_optimization": "prompt_last", "norm_constraint": 5e-3, "lr": 2e-3}
+FT_M_DEFAULTS = {**_COMMON, "objective_optimization": "target_new", "lr": 2e-3}
 
 
 def layer_params(handle, hparams: dict) -> list[str]:
@@ -49,6 +50,8 @@ def layer_params(handle, hparams: dict) -> list[str]:
     a = handle.adapter
     names = [n for n, _ in handle.model.named_parameters()]
     layers = hparams["layers"]
+    if layers is None:
+        layers = [round(0.3 * (a.n_layers - 1))]
     bad = [l for l in layers if not 0 <= int(l) < a.n_layers]
     if bad or not layers:
         raise KnoweditError(f"hparams 'layers': {layers} must be a non-empty list of layers in 0..{a.n_layers - 1}")

@@ -30,6 +30,7 @@ EASYEDIT_LOCATE_ED = {"rome": {"rewrite_module_tmp", "mom2_dtype", "context_temp
 EASYEDIT_LOCATE_ED["memit"] = EASYEDIT_LOCATE_ED["rome"]
 
 DEFAULT_MODEL_KEY = "smollm2-135m"
+_TYPE_OF_NONE = {"norm_constraint": 0.0, "layers": []}  # fields whose default is "off" but whose values are numbers
 
 
 def normalise_method(method: str) -> str:
@@ -140,9 +141,10 @@ def _merge(hp: dict, defaults: dict, data: dict, method: str, source: str, notes
     for field, value in data.items():
         if field in known:
             default = defaults[field]
+            if field == "norm_constraint" and value is False:  # EasyEdit's "no constraint"
+                value = None
+            default = _TYPE_OF_NONE.get(field, default) if default is None else default
             hp[field] = value if default is None or value is None else _coerce(field, value, default, source)
-            if field == "norm_constraint" and value is False:
-                hp[field] = None
         elif field == "alg_name":
             if str(value).upper() not in _ALG_NAMES[method]:
                 raise KnoweditError(f"hparams {source}: alg_name {value!r} is not the {method} editor; "
