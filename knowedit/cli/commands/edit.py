@@ -113,7 +113,14 @@ def run(args):
     after = probs()
     for n in e.info.get("hparams_notes", []) if not args.sequential else e.edits[0].info.get("hparams_notes", []):
         print(f"note: {n}")
-    print(f"\n{len(reqs)} request(s) edited in {dt:.1f} s ({'sequential' if args.sequential else 'one batch'})\n")
+    print(f"\n{len(reqs)} request(s) edited in {dt:.1f} s ({'sequential' if args.sequential else 'one batch'})")
+    for x in (list(e) if args.sequential else [e]):
+        norms = x.norms()
+        total = sum(v * v for v in norms.values()) ** 0.5
+        extra = "".join(f", {k.replace('_', ' ')} {x.info[k]:,}" for k in ("trained_elements", "pruned_elements",
+                                                                         "optimizer_steps") if k in x.info)
+        print(f"  {x.method}: {len(norms)} tensor(s) changed, |delta| {total:.3g}{extra}")
+    print()
     print(format_table(reqs, before, after))
     print(f"\n{PROB_NOTE}")
     if save is not None:
