@@ -143,3 +143,21 @@ def test_bad_input_changes_nothing(tiny):
     with pytest.raises(KnoweditError, match="mode"):
         edit(tiny, [REQ], method="ft-l", hparams=FAST, mode="prune")
     assert hashes(tiny) == h0
+
+
+def test_mask_conditions_and_densities(tiny):
+    from knowedit.circuit import Circuit
+    from knowedit.editing.masking import describe_conditions, format_conditions, mask_conditions
+
+    circuit = Circuit.from_components(tiny, ["a1.h0", "a2.h3", "m0"])
+    conds = mask_conditions(tiny, circuit, seed=3)
+    assert set(conds) == {"circuit", "complement", "random", "none"} and conds["none"] is None
+    assert conds["random"].heads() != conds["circuit"].heads() or conds["random"].mlp_layers() != [0]
+    assert len(conds["random"].heads()) == 2 and len(conds["random"].units.neurons) == tiny.adapter.d_mlp
+    assert not set(conds["complement"].heads()) & set(conds["circuit"].heads())
+    rows = {r["condition"]: r for r in describe_conditions(conds)}
+    assert rows["complement"]["param_density"] > rows["circuit"]["param_density"] > 0
+    assert rows["circuit"]["module_density"] > rows["circuit"]["param_density"]  # slices of big modules
+    assert "by modules" in format_conditions(list(rows.values()))
+    with_norms = mask_conditions(tiny, circuit, include_norms=True)["circuit"].density()
+    assert with_norms["norm_share_of_mask"] > 0

@@ -1,8 +1,10 @@
 """EditSequence: edits applied one after another, undone in reverse order."""
 from __future__ import annotations
 
+from .edit import Reversible
 
-class EditSequence:
+
+class EditSequence(Reversible):
     """Sequential editing: each request is its own :class:`~knowedit.editing.edit.Edit`, computed on
     the model as the previous edits left it. Undo runs in reverse, so it is bit-exact."""
 
@@ -39,13 +41,6 @@ class EditSequence:
 
     def __len__(self) -> int:
         return len(self.edits)
-
-    def __enter__(self):
-        return self.apply()
-
-    def __exit__(self, *exc):
-        self.undo()
-        return False
 
     def __repr__(self) -> str:
         return f"EditSequence({self.method}, {len(self.edits)} edits, applied={self.applied})"
