@@ -13,7 +13,18 @@ def tensor_hash(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
-class Edit:
+class Reversible:
+    """Context-manager protocol for anything with ``apply()`` and ``undo()``."""
+
+    def __enter__(self):
+        return self.apply()
+
+    def __exit__(self, *exc):
+        self.undo()
+        return False
+
+
+class Edit(Reversible):
     def __init__(self, handle, new_values: dict[str, torch.Tensor], method: str, info: dict | None = None):
         """``new_values``: {parameter name: full new tensor}. Nothing is written until :meth:`apply`."""
         self.handle = handle
@@ -56,13 +67,6 @@ class Edit:
         for n, p in self._params.items():
             p.copy_(self.originals[n])
         self.applied = False
-
-    def __enter__(self):
-        return self.apply()
-
-    def __exit__(self, *exc):
-        self.undo()
-        return False
 
     def __repr__(self) -> str:
         return f"Edit({self.method}, {len(self.new_values)} tensors, applied={self.applied})"

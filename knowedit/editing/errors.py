@@ -1,0 +1,6 @@
+"""Errors specific to editing."""
+from ..errors import KnoweditError
+
+
+class EditRefused(KnoweditError):
+    """An edit the editor refuses (it would disable the model); nothing was changed."""
