@@ -37,6 +37,9 @@ def read_json_records(path) -> list:
 
 def _source_path(name: str, path) -> Path:
     if path is not None:
+        if not Path(path).exists():
+            raise KnoweditError(f"{name}: dataset file {path} does not exist; pass a local copy with --data PATH, "
+                                f"or set the suite's dataset path to null to download {SOURCES[name]['url']}")
         return Path(path)
     src = SOURCES[name]
     return fetch(src["url"], Path(src["url"]).name, src["sha256"])
