@@ -75,9 +75,11 @@ def run_suite(suite: Suite, out, handle=None, limit: int | None = None, data_pat
     editors = {e.name: (_editor_fn(e), _hparams(e, suite)) for e in suite.editors}
     circuit = load_circuit(suite.resolve(suite.circuit), handle) if suite.circuit else None
     circuits = {c: condition_circuit(circuit, c, seed=suite.seed) for c in suite.conditions}
+    masks = {}
     for c, circ in circuits.items():
         if circ is not None:
             circ.save(out / "circuits" / f"{c}.json")
+        masks[c] = circ.parameter_mask(handle) if circ is not None else None
 
     ds = dict(suite.dataset)
     n = ds.get("n", 10) if limit is None else min(limit, ds.get("n", limit))
@@ -118,8 +120,7 @@ def run_suite(suite: Suite, out, handle=None, limit: int | None = None, data_pat
     for req, ename, cond in bar:
         bar.set_postfix_str(f"{ename}/{cond}/{req.case_id}")
         fn, hp = editors[ename]
-        circ = circuits[cond]
-        mask = circ.parameter_mask(handle) if circ is not None else None
+        mask = masks[cond]
         rec = {"key": record_key(req.case_id, ename, cond), "case_id": req.case_id, "editor": ename,
                "condition": cond, "subject": req.subject, "prompt": req.text, "target_new": req.target_new,
                "target_true": req.target_true, "seed": suite.seed, "error": None}
