@@ -88,8 +88,8 @@ def parse_suite(data: dict, source: str = "suite") -> Suite:
         raise KnoweditError(f"{source}: metric group 'collateral' needs 'tasks: [...]' (e.g. ioi, colored-objects)")
     if not isinstance(s.dataset, dict) or not s.dataset.get("name"):
         raise KnoweditError(f"{source}: 'dataset' needs a 'name' (counterfact or zsre)")
-    if s.mode not in ("restrict", "project"):
-        raise KnoweditError(f"{source}: mode {s.mode!r} must be 'restrict' or 'project'")
+    if s.mode not in ("restrict", "ablate"):  # the modes of knowedit.editing.masking
+        raise KnoweditError(f"{source}: mode {s.mode!r} must be 'restrict' or 'ablate'")
     return s
 
 
