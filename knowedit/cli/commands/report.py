@@ -1,0 +1,20 @@
+"""``knowedit report RESULTS_DIR``: rebuild tables and the HTML report from saved results (no model)."""
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("report", help="rebuild tables and report.html from a results directory")
+    p.add_argument("results", help="directory holding results.jsonl (from knowedit eval)")
+    p.add_argument("--out", default=None, help="where to write tables/ and report.html (default: RESULTS)")
+    p.add_argument("--title", default=None)
+    return p
+
+
+def run(args):
+    from ...report import build_report
+
+    paths = build_report(args.results, args.out, args.title)
+    for k in sorted(paths):
+        print(f"{k}: {paths[k]}")
+    if "summary.md" in paths:
+        print(paths["summary.md"].read_text())
