@@ -1,5 +1,6 @@
 """Discovery on the real default model (IOI, small prompt sets to keep the suite fast)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,16 +14,27 @@ from knowedit.tasks import ioi_task
 N = 16
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "circuits" / "smollm2-135m" / "ioi.json"
+
+
 @pytest.fixture(scope="module")
 def ioi_circuit(smol):
-    return discover(smol, ioi_task(smol.tokenizer, n=N, seed=0), method="eap", target=0.8)
+    # A fixed top-k keeps the test fast; the shipped circuit below went through the target search.
+    return discover(smol, ioi_task(smol.tokenizer, n=N, seed=0), method="eap", top_k=40, prune=False)
 
 
-def test_ioi_circuit_is_small_and_faithful(ioi_circuit):
+def test_ioi_circuit_of_40_heads_carries_most_of_the_behaviour(ioi_circuit):
     c = ioi_circuit
-    assert c.faithfulness >= 0.8
-    assert 1 <= c.extra["n_heads"] <= 40  # <= 15% of the 270 heads
+    assert c.faithfulness > 0.5
+    assert c.extra["n_heads"] == 40 and c.extra["n_mlps"] == 30
     assert c.method["ablation"] == "mean" and c.task["seed"] == 0 and c.task["n"] == N
+
+
+def test_shipped_ioi_circuit_meets_its_claims(smol):
+    c = Circuit.load(SHIPPED, smol)
+    assert c.extra["n_heads"] <= 40 and c.faithfulness >= c.method["target_faithfulness"]
+    task = ioi_task(smol.tokenizer, n=c.task["n"], seed=c.task["seed"], corruption=c.task["corruption"])
+    assert circuit_faithfulness(smol, c, task) == pytest.approx(c.faithfulness, abs=1e-4)
 
 
 def test_claimed_faithfulness_survives_independent_reevaluation(smol, ioi_circuit, tmp_path):
@@ -34,9 +46,11 @@ def test_claimed_faithfulness_survives_independent_reevaluation(smol, ioi_circui
     assert circuit_faithfulness(smol, loaded, ioi_task(smol.tokenizer, n=N, seed=1)) > 0.5
 
 
-def test_same_seed_gives_identical_json(smol, ioi_circuit):
-    again = discover(smol, ioi_task(smol.tokenizer, n=N, seed=0), method="eap", target=0.8)
-    assert again.to_json() == ioi_circuit.to_json()
+def test_same_seed_gives_identical_json(smol):
+    run = lambda: discover(smol, ioi_task(smol.tokenizer, n=8, seed=3), method="eap", top_k=8, prune=False).to_json()
+    first = run()
+    assert run() == first
+    assert '"seed": 3' in first
 
 
 def test_explain_direct_attributions_add_up_to_the_logit_difference(smol):

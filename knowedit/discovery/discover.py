@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..circuit.circuit import Circuit, _r, model_info
 from ..errors import KnoweditError
 from .attribution import attribution_scores
+from .curves import mib_areas
 from .evaluate import Evaluator
 from .patching import patching_scores
 from .select import RANKINGS, greedy_prune, ranked, smallest_top_k
@@ -25,14 +26,15 @@ def node_scores(ev: Evaluator, method: str, steps: int = 5, progress=None) -> di
 
 def discover(handle, task, method: str = "eap", level: str = "node", ablation: str = "mean",
              target: float = 0.8, prune: bool = True, top_k: int | None = None, rank: str = "abs",
-             steps: int = 5, batch_size: int = 32, candidates: str = "heads", progress=None) -> Circuit:
+             steps: int = 5, batch_size: int = 32, candidates: str = "heads", mib: bool = False,
+             progress=None) -> Circuit:
     """Find the circuit ``handle``'s model uses for ``task``.
 
     Candidate nodes (every head, with the MLPs always kept, for ``candidates='heads'``; every head and
     MLP for ``'nodes'``) are scored by ``method``; the circuit is the ``top_k`` best (or the
     smallest top-k reaching faithfulness ``target``), then greedily pruned while faithfulness stays
-    >= ``target``. With ``level='edge'`` edges are scored by EAP/EAP-IG and selected the same way
-    (see :mod:`knowedit.discovery.edges`)."""
+    >= ``target``. ``mib=True`` also measures the MIB faithfulness curves and stores CPR/CMD in
+    ``extra['mib']``. (``level='edge'`` is reserved for edge circuits, not built yet.)"""
     if method not in METHODS:
         raise KnoweditError(f"method: {method!r} is unknown; use one of {METHODS}")
     if level not in LEVELS:
@@ -40,9 +42,9 @@ def discover(handle, task, method: str = "eap", level: str = "node", ablation: s
     if rank not in RANKINGS:
         raise KnoweditError(f"rank: {rank!r} is unknown; use one of {RANKINGS}")
     if level == "edge":
-        from .edges import discover_edges
-        return discover_edges(handle, task, method=method, ablation=ablation, target=target, top_k=top_k,
-                              steps=steps, batch_size=batch_size, progress=progress)
+        # Edge scores need per-head input gradients (q/k/v ports, GQA groups) and edge ablation needs
+        # per-destination inputs; neither is built yet, and a node circuit must not pose as an edge one.
+        raise KnoweditError("level: 'edge' is not implemented yet in this knowedit; use level='node'")
     ev = Evaluator(handle, task, ablation=ablation, batch_size=batch_size, candidates=candidates)
     scores = node_scores(ev, method, steps, progress)
     order = ranked(scores, rank)
@@ -72,5 +74,11 @@ def discover(handle, task, method: str = "eap", level: str = "node", ablation: s
     extra = {"m_full": _r(ev.full), "m_empty": _r(ev.empty), "n_heads": n_heads,
              "n_mlps": len(members) - n_heads + len(ev.fixed), "head_share": _r(n_heads / len(handle.all_heads())),
              "all_scores": {n: _r(scores[n]) for n in order}}
+    if mib:
+        areas = mib_areas(ev, scores, progress=progress)
+        extra["mib"] = {"cpr": _r(areas["cpr"]), "cmd": _r(areas["cmd"]), "sizes": areas["sizes"],
+                        "cpr_curve": [_r(r["faithfulness"]) for r in areas["cpr_curve"]],
+                        "cmd_curve": [_r(r["faithfulness"]) for r in areas["cmd_curve"]],
+                        "definition": areas["definition"]}
     return Circuit(model_info(handle), task_info(task), settings, {**fixed_scores, **{n: scores[n] for n in members}}, {},
                    threshold=threshold, faithfulness=f, extra=extra)

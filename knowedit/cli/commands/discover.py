@@ -22,6 +22,7 @@ def add_parser(sub):
     p.add_argument("--n", type=int, default=50, help="number of task prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--mib", action="store_true", help="also measure the MIB faithfulness curves (CPR, CMD)")
     p.add_argument("--show", type=int, default=15, help="rows in the summary table")
     p.add_argument("--out", required=True, help="where to write the circuit JSON")
     return p
@@ -47,7 +48,11 @@ def summary(circuit, show: int = 15) -> str:
              f"m(full)={x['m_full']:.3f}  m(empty)={x['m_empty']:.3f}  faithfulness={circuit.faithfulness:.3f}",
              f"size: {x.get('n_heads', 0)} heads ({x.get('head_share', 0) * 100:.1f}% of heads), "
              f"{x.get('n_mlps', 0)} MLPs, {len(circuit.edges)} edges; threshold |score| >= {circuit.threshold:.4g}",
-             "", f"{'component':<22}{'score':>10}"]
+             ]
+    if "mib" in x:
+        lines.append(f"MIB areas over sizes {x['mib']['sizes'][0] * 100:g}%..100%: CPR={x['mib']['cpr']:.3f} "
+                     f"(higher is better), CMD={x['mib']['cmd']:.3f} (lower is better)")
+    lines += ["", f"{'component':<22}{'score':>10}"]
     items = circuit.edges if circuit.edges else {k: v for k, v in circuit.nodes.items() if v != 0.0}
     for name, s in sorted(items.items(), key=lambda kv: -abs(kv[1]))[:show]:
         lines.append(f"{name:<22}{s:>+10.4f}")
@@ -67,7 +72,7 @@ def run(args):
     task = load_task(args.task or "custom", handle.tokenizer, args.n, args.seed, args.task_file)
     circuit = discover(handle, task, method=args.method, level=args.level, ablation=args.ablation,
                        target=args.target, prune=not args.no_prune, top_k=args.top_k, steps=args.steps,
-                       batch_size=args.batch_size, candidates=args.candidates, progress=tqdm)
+                       batch_size=args.batch_size, candidates=args.candidates, mib=args.mib, progress=tqdm)
     circuit.save(args.out)
     print(summary(circuit, args.show))
     print(f"\nwrote {args.out}")
