@@ -43,7 +43,7 @@ def explain(handle, prompt: str, answer: str, distractor: str, corrupt: str | No
     direction = (u[ans] - u[dis]) * scale
 
     def dla(v):
-        v = v.float()
+        v = v.detach().float()
         return float(((v - v.mean()) if centre else v) @ direction)
 
     with torch.no_grad():
