@@ -60,15 +60,16 @@ def test_rome_with_mask_writes_only_masked_neuron_columns(tiny):
 
 def test_memit_with_and_without_mask(tiny):
     before = hashes(tiny)
-    e = apply_memit(tiny, REQS, dict(FAST, layers=[0, 1, 2], mom2_update_weight=1.0))
-    assert changed(tiny, before) == {down(tiny, l) for l in (0, 1, 2)}
+    e = apply_memit(tiny, REQS, dict(FAST, layers=[0, 1], mom2_update_weight=1.0))
+    assert changed(tiny, before) == {down(tiny, l) for l in (0, 1)}
+    assert all(v > 0 for v in e.norms().values())
     e.undo()
     assert hashes(tiny) == before
-    mask = ParameterMask.from_components(tiny, ["m0", "m2"], mlp_neurons={2: [1, 2, 3]})
-    e = apply_memit(tiny, REQS, dict(FAST, layers=[1, 2], mom2_update_weight=1.0), mask=mask)
-    assert changed(tiny, before) == {down(tiny, 2)}
-    key_dim = tiny.adapter.in_dim(tiny.adapter.mlp_out(2))
-    d = e.deltas[down(tiny, 2)]
+    mask = ParameterMask.from_components(tiny, ["m1", "m2"], mlp_neurons={1: [1, 2, 3]})
+    e = apply_memit(tiny, REQS, dict(FAST, layers=[0, 1], mom2_update_weight=1.0), mask=mask)
+    assert changed(tiny, before) == {down(tiny, 1)}
+    key_dim = tiny.adapter.in_dim(tiny.adapter.mlp_out(1))
+    d = e.deltas[down(tiny, 1)]
     assert set((d != 0).any(dim=1 - key_dim).nonzero().flatten().tolist()) <= {1, 2, 3}
     e.undo()
     assert hashes(tiny) == before
@@ -102,13 +103,15 @@ def test_bad_input_names_the_field(tiny_llama):
     h = tiny_llama
     mask = ParameterMask.from_components(h, ["a0.h1", "m0"])
     with pytest.raises(KnoweditError, match="no MLP among the edit layers"):
-        apply_rome(h, REQS, dict(FAST, layers=[2]), mask=mask)
+        apply_rome(h, REQS, dict(FAST, layers=[1]), mask=mask)
     with pytest.raises(KnoweditError, match="ablate"):
         apply_memit(h, REQS, dict(FAST, layers=[0]), mask=mask, mode="ablate")
     with pytest.raises(KnoweditError, match="'v_lr'"):
         apply_rome(h, REQS, dict(FAST, layers=[1], v_lr="fast"))
     with pytest.raises(KnoweditError, match="'layers'"):
         apply_rome(h, REQS, dict(FAST, layers=[7]))
+    with pytest.raises(KnoweditError, match="v_loss_layer"):
+        apply_memit(h, REQS, dict(FAST, layers=[1, 2]))
     with pytest.raises(KnoweditError, match="mom2_dataset"):
         apply_rome(h, REQS, dict(FAST, layers=[1], mom2_dataset="no-such-corpus-offline"))
 

@@ -44,3 +44,11 @@ def layer_list(hp: dict, n_layers: int) -> list[int]:
     if len(set(out)) != len(out):
         raise KnoweditError(f"hparams: field 'layers' = {layers} repeats a layer")
     return sorted(out)
+
+
+def below_loss_layer(hp: dict, layers: list[int], n_layers: int) -> None:
+    """δ at a layer's subject token reaches the prediction only through later layers."""
+    loss = field(hp, "v_loss_layer", int, lambda v: -n_layers <= v < n_layers, f"the model has {n_layers} layers")
+    if max(layers) >= loss % n_layers:
+        raise KnoweditError(f"hparams: edit layer {max(layers)} is not below v_loss_layer {loss % n_layers}; a change "
+                            "there cannot reach the prediction. Choose lower 'layers'")

@@ -14,7 +14,7 @@ import torch
 from ..errors import KnoweditError
 from .covariance import key_stats
 from .edit import Edit
-from .fields import field, layer_list
+from .fields import below_loss_layer, field, layer_list
 from .keys_values import build_rows, optimise_delta, prefixes, read_at_subject
 from .restrict import edit_sites, new_weight, solve_in
 
@@ -50,6 +50,7 @@ def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "r
     layers = layer_list(hp, a.n_layers)
     lam = field(hp, "mom2_update_weight", float, lambda v: v >= 0)
     kl_prompts = field(hp, "kl_prompts", list)
+    below_loss_layer(hp, layers, handle.adapter.n_layers)
     sites = edit_sites(handle, layers, mask, mode, "MEMIT")
     top = max(layers)  # z lives after the last *configured* layer, whatever the mask keeps
     stats = key_stats(handle, [l for l, _ in sites], hp)

@@ -19,7 +19,7 @@ from ..errors import KnoweditError
 from .covariance import key_stats
 from .edit import Edit
 from .errors import EditRefused
-from .fields import field, layer_list
+from .fields import below_loss_layer, field, layer_list
 from .keys_values import build_rows, optimise_delta, prefixes, read_at_subject
 from .restrict import edit_sites, new_weight, solve_in
 
@@ -104,6 +104,7 @@ def apply_rome(handle, requests: list, hparams: dict, mask=None, mode: str = "re
     if len(opts["layers"]) != 1:
         raise KnoweditError(f"hparams: field 'layers' = {opts['layers']}; ROME edits exactly one layer "
                             "(use MEMIT for several)")
+    below_loss_layer(hp, opts["layers"], handle.adapter.n_layers)
     sites = edit_sites(handle, opts["layers"], mask, mode, "ROME")
     layer, neurons = sites[0]
     stats = key_stats(handle, [layer], hp)[layer]
