@@ -1,0 +1,206 @@
+"""Second-moment statistics C = E[k kᵀ] of the MLP down-projection input ("keys"), per layer.
+
+Sources (hparams ``mom2_dataset``):
+
+* ``"model_samples"`` (the offline default): ``mom2_n_samples`` texts sampled from the model itself,
+  seeded by ``mom2_seed``, each ``mom2_sample_tokens`` tokens after a one-word start. The source is
+  recorded with the statistics.
+* a path to a text file (``.txt``: paragraphs separated by blank lines; ``.jsonl``/``.json``: records
+  with a ``"text"`` field): the first ``mom2_n_samples`` texts, each cut to ``mom2_sample_tokens``.
+* any other name: a Hugging Face dataset (needs the ``datasets`` package and a reachable hub).
+* ``"identity"``: C = I, only when chosen explicitly (also ``mom2_adjustment: false``).
+
+Statistics are cached under ``cache_root()/stats/<model fingerprint>/<corpus key>/`` per layer and
+sample count, with the token count; the fingerprint is that of the model as loaded, so statistics
+describe the unedited model even when collected while an edit is applied.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import KnoweditError
+from ..models.cache import atomic_write_bytes, cache_root
+from .fields import field
+
+IDENTITY = "identity"
+MODEL_SAMPLES = "model_samples"
+_STARTS = ["The", "In", "A", "It", "This", "When", "I", "We", "There", "After", "He", "She", "One", "For",
+           "On", "As"]
+
+
+@dataclass
+class KeyStats:
+    mom2: torch.Tensor        # [d_mlp, d_mlp], float64
+    n_tokens: int
+    source: str
+    layer: int
+
+    @property
+    def identity(self) -> bool:
+        return self.source == IDENTITY
+
+    def regularised(self, ridge: float) -> torch.Tensor:
+        """C + ridge · mean(diag C) · I: a numerical safeguard (not in the papers) for statistics
+        from fewer tokens than key dimensions, where C is singular."""
+        if ridge <= 0 or self.identity:
+            return self.mom2
+        return self.mom2 + ridge * self.mom2.diagonal().mean() * torch.eye(len(self.mom2), dtype=self.mom2.dtype)
+
+
+def settings(hp: dict) -> dict:
+    """The covariance fields of ``hp``, validated (missing optional ones take their defaults)."""
+    hp = {"mom2_adjustment": True, "mom2_dataset": MODEL_SAMPLES, "mom2_n_samples": 100,
+          "mom2_sample_tokens": 40, "mom2_seed": 0, "mom2_dtype": "float32", "mom2_batch_size": 32, **hp}
+    s = {
+        "dataset": field(hp, "mom2_dataset", str, lambda v: bool(v.strip())),
+        "n_samples": field(hp, "mom2_n_samples", int, lambda v: v > 0, "must be positive"),
+        "sample_tokens": field(hp, "mom2_sample_tokens", int, lambda v: v > 1, "must be at least 2"),
+        "seed": field(hp, "mom2_seed", int),
+        "dtype": field(hp, "mom2_dtype", str, lambda v: v in ("float32", "float64", "float16", "bfloat16")),
+        "batch_size": field(hp, "mom2_batch_size", int, lambda v: v > 0),
+    }
+    if not field(hp, "mom2_adjustment", bool):
+        s["dataset"] = IDENTITY
+    return s
+
+
+def _corpus_key(s: dict) -> str:
+    d = s["dataset"]
+    if d == MODEL_SAMPLES:
+        return f"model_samples-seed{s['seed']}-len{s['sample_tokens']}"
+    p = Path(d).expanduser()
+    if p.is_file():
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+        return f"file-{p.stem}-{digest}-len{s['sample_tokens']}"
+    return "hf-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in d) + f"-len{s['sample_tokens']}"
+
+
+def _file_texts(p: Path, n: int) -> list[str]:
+    raw = p.read_text(encoding="utf-8")
+    if p.suffix in (".jsonl", ".json"):
+        recs = json.loads(raw) if p.suffix == ".json" else [json.loads(x) for x in raw.splitlines() if x.strip()]
+        try:
+            texts = [r["text"] if isinstance(r, dict) else str(r) for r in recs]
+        except (KeyError, TypeError):
+            raise KnoweditError(f"mom2_dataset: {p} holds records without a 'text' field") from None
+    else:
+        texts = [t.strip() for t in raw.split("\n\n")]
+    texts = [t for t in texts if t.strip()][:n]
+    if not texts:
+        raise KnoweditError(f"mom2_dataset: {p} holds no text")
+    return texts
+
+
+def _hf_texts(name: str, n: int) -> list[str]:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise KnoweditError(f"mom2_dataset: {name!r} is neither a file nor a built-in source, and loading it as a "
+                            "Hugging Face dataset needs the 'datasets' package. Use 'model_samples' (offline "
+                            "default), a text file path, or 'identity'") from None
+    try:
+        ds = datasets.load_dataset(name, split="train", streaming=True)
+        return [r["text"] for r, _ in zip(ds, range(n))]
+    except Exception as e:  # offline hub, unknown name, no text column
+        raise KnoweditError(f"mom2_dataset: could not load Hugging Face dataset {name!r} ({type(e).__name__}: "
+                            f"{e}). Offline, use 'model_samples' or a text file path") from None
+
+
+def corpus_ids(handle, s: dict) -> list[list[int]]:
+    """Token ids of the corpus the statistics come from."""
+    from .sampling import sample_ids
+    d, n, T = s["dataset"], s["n_samples"], s["sample_tokens"]
+    if d == MODEL_SAMPLES:
+        starts = [_STARTS[i % len(_STARTS)] for i in range(n)]
+        return sample_ids(handle, starts, T - 1, seed=s["seed"], desc="sampling covariance corpus")
+    p = Path(d).expanduser()
+    texts = _file_texts(p, n) if p.is_file() else _hf_texts(d, n)
+    ids = [handle.tokenizer(t, add_special_tokens=False)["input_ids"][:T] for t in texts]
+    return [t for t in ids if len(t) > 0]
+
+
+def _path(handle, s: dict, layer: int) -> Path:
+    return cache_root() / "stats" / handle.fingerprint / _corpus_key(s) / f"layer{layer}_n{s['n_samples']}.pt"
+
+
+@torch.no_grad()
+def collect(handle, layers: list[int], ids: list[list[int]], batch_size: int = 32) -> dict[int, tuple]:
+    """Sum of k kᵀ (float64) and token count at each layer's down-projection input."""
+    from tqdm.auto import tqdm
+
+    from ..hooks.hookset import HookSet
+    a = handle.adapter
+    d = a.d_mlp
+    sums = {l: torch.zeros(d, d, dtype=torch.float64) for l in layers}
+    count = 0
+    top = max(layers)
+
+    class _Done(Exception):
+        pass
+
+    cur = {}
+
+    def grab(layer):
+        def fn(mod, args):
+            x = args[0][cur["mask"]].float()  # real tokens only, [N, d_mlp]
+            sums[layer].add_((x.T @ x).double().cpu())
+            if layer == top:  # nothing above the top layer is needed
+                raise _Done
+        return fn
+
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    pad = handle.tokenizer.pad_token_id
+    with HookSet() as hs:
+        for l in layers:
+            hs.pre(a.mlp_out(l), grab(l))
+        for b in tqdm(batches, desc=f"covariance at layers {layers}", leave=False):
+            T = max(len(ids[i]) for i in b)
+            x = torch.full((len(b), T), pad, dtype=torch.long)
+            m = torch.zeros((len(b), T), dtype=torch.bool)
+            for r, i in enumerate(b):
+                x[r, :len(ids[i])] = torch.tensor(ids[i])
+                m[r, :len(ids[i])] = True
+            cur["mask"] = m.to(handle.device)
+            try:
+                handle.model(input_ids=x.to(handle.device), attention_mask=m.long().to(handle.device), use_cache=False,
+                             logits_to_keep=1)
+            except _Done:
+                pass
+            count += int(m.sum())
+    return {l: (sums[l], count) for l in layers}
+
+
+def key_stats(handle, layers: list[int], hp: dict) -> dict[int, KeyStats]:
+    """C at each layer, from the cache when present; missing layers are collected in one pass."""
+    s = settings(hp)
+    d = handle.adapter.d_mlp
+    if s["dataset"] == IDENTITY:
+        return {l: KeyStats(torch.eye(d, dtype=torch.float64), 0, IDENTITY, l) for l in layers}
+    out, missing = {}, []
+    for l in layers:
+        p = _path(handle, s, l)
+        if p.exists():
+            blob = torch.load(p, map_location="cpu", weights_only=True)
+            out[l] = KeyStats(blob["mom2"].double(), int(blob["n_tokens"]), str(blob["source"]), l)
+        else:
+            missing.append(l)
+    if missing:
+        ids = corpus_ids(handle, s)
+        source = (f"{s['dataset']} ({len(ids)} texts, seed {s['seed']}, {s['sample_tokens']} tokens each)"
+                  if s["dataset"] == MODEL_SAMPLES else f"{s['dataset']} ({len(ids)} texts, key {_corpus_key(s)})")
+        dtype = getattr(torch, s["dtype"])
+        for l, (total, n) in collect(handle, missing, ids, s["batch_size"]).items():
+            mom2 = (total / max(n, 1)).to(dtype)  # stored in mom2_dtype, as EasyEdit does
+            buf = io.BytesIO()
+            torch.save({"mom2": mom2, "n_tokens": n, "source": source, "layer": l, "n_samples": s["n_samples"],
+                        "model": handle.fingerprint}, buf)
+            atomic_write_bytes(_path(handle, s, l), buf.getvalue())
+            out[l] = KeyStats(mom2.double(), n, source, l)
+    return out

@@ -1,0 +1,217 @@
+"""What ROME and MEMIT share: prefix contexts, keys at the subject's last token, and the
+optimisation of the residual change δ that makes the model say the new target.
+
+Prefix contexts: as in ROME, short texts sampled from the model itself (seeded, so the same seed
+gives the same prefixes), each followed by ". " and the prompt, plus the bare prompt. The
+``context_template_length_params`` field lists ``[n_tokens, count]`` pairs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import KnoweditError
+from ..hooks.hookset import HookSet
+from .fields import field
+from .request import EditRequest
+
+_PREFIX_STARTS = ["The", "Therefore", "Because", "I", "You"]
+_prefix_cache: dict[tuple, list[str]] = {}
+
+
+def prefixes(handle, hp: dict) -> list[str]:
+    """``""`` (the bare prompt) followed by the sampled prefixes, cached per model and settings."""
+    spec = field(hp, "context_template_length_params", list)
+    seed = int(hp.get("seed", 0) or 0)
+    pairs = []
+    for x in spec:
+        if not (isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(v, int) and v >= 0 for v in x)):
+            raise KnoweditError(f"hparams: field 'context_template_length_params' holds {x!r}; "
+                                "give [n_tokens, count] pairs, e.g. [[5, 10], [10, 10]]")
+        pairs.append(tuple(x))
+    key = (handle.fingerprint, tuple(pairs), seed)
+    if key not in _prefix_cache:
+        from .sampling import sample_ids
+        out = [""]
+        for j, (length, count) in enumerate(pairs):
+            if length == 0 or count == 0:
+                continue
+            starts = [_PREFIX_STARTS[i % len(_PREFIX_STARTS)] for i in range(count)]
+            for ids in sample_ids(handle, starts, length, seed=seed + j):
+                text = handle.tokenizer.decode(ids, skip_special_tokens=True)
+                out.append(text.replace("{", " ").replace("}", " ").strip() + ". ")
+        _prefix_cache[key] = out
+    return _prefix_cache[key]
+
+
+@dataclass
+class Rows:
+    """Right-padded token rows for one request: prefix + prompt (+ target), plus KL rows."""
+
+    input_ids: torch.Tensor     # [B, T]
+    attention_mask: torch.Tensor
+    subject_pos: torch.Tensor   # [B] index of the subject's last token
+    n_context: int              # the first n_context rows are the prefixed prompts
+    target_pos: list[list[int]]  # per context row, positions predicting each target token
+    target_ids: list[int]
+
+
+def _subject_last(tok, text: str, end: int, where: str) -> tuple[list[int], int]:
+    """Token ids of ``text`` and the index of the token holding character ``end - 1``."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    head = tok(text[:end], add_special_tokens=False)["input_ids"]
+    if head and ids[:len(head)] == head:
+        return ids, len(head) - 1
+    for i in range(1, len(ids) + 1):  # the subject's end merged into a longer token
+        if len(tok.decode(ids[:i])) >= end:
+            return ids, i - 1
+    raise KnoweditError(f"{where}: cannot locate the subject in {text!r}")
+
+
+def build_rows(handle, req: EditRequest, contexts: list[str], with_target: bool = True,
+               kl_prompts: list[str] = ()) -> Rows:
+    tok = handle.tokenizer
+    target = tok(" " + req.target_new, add_special_tokens=False)["input_ids"] if with_target else []
+    if with_target and not target:
+        raise KnoweditError(f"{req.label}: field 'target_new' tokenises to nothing")
+    seqs, subj, tpos = [], [], []
+    at = req.prompt.index("{}")
+    for c in contexts:
+        text = c + req.text
+        ids, s = _subject_last(tok, text, len(c) + at + len(req.subject), req.label)
+        tpos.append([len(ids) - 1 + j for j in range(len(target))])
+        seqs.append(ids + target[:-1])
+        subj.append(s)
+    for kp in kl_prompts:
+        text = kp.format(req.subject)
+        ids, s = _subject_last(tok, text, kp.index("{}") + len(req.subject), req.label)
+        seqs.append(ids)
+        subj.append(s)
+    T = max(map(len, seqs))
+    x = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)
+    m = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+        m[i, :len(s)] = 1
+    dev = handle.device
+    return Rows(x.to(dev), m.to(dev), torch.tensor(subj, device=dev), len(contexts), tpos, target)
+
+
+def _out(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+def _with(o, new):
+    return (new,) + tuple(o[1:]) if isinstance(o, tuple) else new
+
+
+@torch.no_grad()
+def read_at_subject(handle, rows: Rows, key_layers: list[int] = (), site=None) -> tuple[dict, torch.Tensor | None]:
+    """Down-projection inputs at the subject's last token for ``key_layers`` (``{layer: [B, d_mlp]}``)
+    and the output of module ``site`` there (``[B, d_model]``), in one forward."""
+    a = handle.adapter
+    idx = torch.arange(len(rows.subject_pos), device=rows.subject_pos.device)
+    keys, got = {}, {}
+
+    def key_hook(layer):
+        def fn(mod, args):
+            keys[layer] = args[0][idx, rows.subject_pos].double()
+        return fn
+
+    with HookSet() as hs:
+        for l in key_layers:
+            hs.pre(a.mlp_out(l), key_hook(l))
+        if site is not None:
+            hs.post(site, lambda m, args, o: got.__setitem__("v", _out(o)[idx, rows.subject_pos].double()))
+        handle.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False, logits_to_keep=1)
+    return keys, got.get("v")
+
+
+def optimise_delta(handle, req: EditRequest, rows: Rows, site, hp: dict) -> tuple[torch.Tensor, dict]:
+    """δ added to ``site``'s output at the subject's last token of every row, minimising the
+    target NLL over the context rows + kl_factor · KL(original ‖ edited) on the KL rows (at their last
+    token) + v_weight_decay · ‖δ‖²/‖v₀‖², with ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ (v₀: the site output on
+    the bare prompt). The loss is read at the output of layer ``v_loss_layer``."""
+    a = handle.adapter
+    steps = field(hp, "v_num_grad_steps", int, lambda v: v >= 0)
+    lr = field(hp, "v_lr", float, lambda v: v > 0)
+    wd = field(hp, "v_weight_decay", float, lambda v: v >= 0)
+    clamp = field(hp, "clamp_norm_factor", float, lambda v: v > 0)
+    kl_factor = field(hp, "kl_factor", float, lambda v: v >= 0)
+    loss_layer = field(hp, "v_loss_layer", int, lambda v: -a.n_layers <= v < a.n_layers,
+                       f"the model has {a.n_layers} layers")
+    loss_layer %= a.n_layers
+    stop_nll = float(hp.get("v_stop_nll", 5e-2))
+    B, T = rows.input_ids.shape
+    idx = torch.arange(B, device=rows.input_ids.device)
+    n_ctx = rows.n_context
+    # one-hot of the subject position, so δ enters the graph without in-place writes
+    onehot = torch.zeros(B, T, 1, device=rows.input_ids.device)
+    onehot[idx, rows.subject_pos] = 1.0
+    tr = torch.tensor([r for r, ps in enumerate(rows.target_pos) for _ in ps], device=onehot.device)
+    tp = torch.tensor([p for ps in rows.target_pos for p in ps], device=onehot.device)
+    tid = torch.tensor([t for ps in rows.target_pos for t in rows.target_ids[:len(ps)]], device=onehot.device)
+    kl_rows = torch.arange(n_ctx, B, device=onehot.device)
+    kl_last = rows.attention_mask[n_ctx:].sum(1) - 1
+
+    _, v0_all = read_at_subject(handle, rows, site=site)
+    v0 = v0_all[0].float()
+    delta = torch.zeros(a.d_model, requires_grad=True, device=onehot.device)
+    state = {}
+
+    def add_delta(m, args, o):
+        if not state.get("on"):
+            return None
+        h = _out(o)
+        return _with(o, h + onehot.to(h.dtype) * delta.to(h.dtype))
+
+    def grab(m, args, o):
+        state["h"] = _out(o)
+
+    def head(h):
+        return a.unembed(a.ln_final(h)).float().log_softmax(-1)
+
+    params = [p for p in handle.model.parameters()]
+    was = [p.requires_grad for p in params]
+    opt = torch.optim.Adam([delta], lr=lr)
+    info = {"steps": 0}
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with HookSet() as hs:
+            hs.post(site, add_delta)  # before grab: the site may be the loss layer itself
+            hs.post(a.block(loss_layer), grab)
+            with torch.no_grad():
+                handle.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False,
+                             logits_to_keep=1)
+                ref = head(state["h"][kl_rows, kl_last]) if len(kl_rows) else None
+            state["on"] = True
+            for step in range(steps + 1):
+                handle.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False,
+                             logits_to_keep=1)
+                h = state["h"]
+                nll = -head(h[tr, tp]).gather(1, tid[:, None]).sum() / n_ctx / len(rows.target_ids)
+                loss = nll
+                kl = torch.zeros(())
+                if ref is not None and kl_factor > 0:
+                    cur = head(h[kl_rows, kl_last])
+                    kl = torch.nn.functional.kl_div(cur, ref, log_target=True, reduction="batchmean")
+                    loss = loss + kl_factor * kl
+                loss = loss + wd * delta.norm() ** 2 / v0.norm() ** 2
+                info.update(nll=float(nll.detach()), kl=float(kl.detach()), steps=step)
+                if step == steps or info["nll"] < stop_nll:
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    limit = clamp * v0.norm()
+                    if delta.norm() > limit:
+                        delta.mul_(limit / delta.norm())
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+    info["delta_norm"] = float(delta.detach().norm())
+    info["v0_norm"] = float(v0.norm())
+    return delta.detach().double(), info

@@ -1,0 +1,72 @@
+"""What a circuit mask means for ROME and MEMIT.
+
+``mode="restrict"``: only MLP layers that the mask touches are edited (the hparams layers
+intersected with ``mask.mlp_layers()``), and within a layer only the down-projection columns of the
+masked neurons S change. The update is then the constrained least-squares solution: minimising
+E‖ΔW k‖² = tr(ΔW C ΔWᵀ) subject to ΔW k* = δ and ΔW[:, i] = 0 for i ∉ S gives
+ΔW[:, S] = δ (C_SS⁻¹ k*_S)ᵀ / (k*_Sᵀ C_SS⁻¹ k*_S) (note C_SS⁻¹, not (C⁻¹)_SS); MEMIT likewise solves
+ΔW[:, S] = R K_Sᵀ (λ C_SS + K_S K_Sᵀ)⁻¹. The MLP's input projections, biases, attention and norms never
+change, so every parameter outside the mask stays bit-identical.
+
+``mode="ablate"`` (Ge et al.: run the pruned sub-network) is refused for ROME and MEMIT: their keys,
+values and covariance are read from the full network's activations, and an update computed inside a
+pruned network has no defined meaning once the pruning is lifted (and while it is kept, the edited
+network is not the model users evaluate). Fine-tuning editors support it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import KnoweditError
+
+MODES = ("restrict", "ablate")
+
+
+def edit_sites(handle, layers: list[int], mask, mode: str, method: str) -> list[tuple[int, torch.Tensor | None]]:
+    """``[(layer, neurons or None for all)]`` that the editor may change."""
+    if mode not in MODES:
+        raise KnoweditError(f"mode: {mode!r} is not one of {MODES}")
+    if mask is None:
+        return [(l, None) for l in layers]
+    if mode == "ablate":
+        raise KnoweditError(f"mode 'ablate' is not defined for {method} (a locate-then-edit method reads keys and "
+                            "values from the full network); use mode='restrict', or an FT editor for ablate")
+    in_mask = set(mask.mlp_layers())
+    keep = [l for l in layers if l in in_mask]
+    if not keep:
+        raise KnoweditError(f"mask: the circuit has no MLP among the edit layers {layers} (its MLP layers: "
+                            f"{sorted(in_mask) or 'none'}); add an MLP to the circuit or change hparams 'layers'")
+    d = handle.adapter.d_mlp
+    out = []
+    for l in keep:
+        n = mask.mlp_neurons(l)
+        out.append((l, None if len(n) == d else n))
+    return out
+
+
+def new_weight(handle, layer: int, delta_out_in: torch.Tensor, neurons: torch.Tensor | None) -> tuple[str, torch.Tensor]:
+    """The down projection's parameter name and its new value, given ΔW as ``[out, in]``.
+
+    Only the columns of ``neurons`` (all when None) are written, so every other entry keeps its
+    exact bits (adding a float 0 would turn -0.0 into +0.0)."""
+    mod = handle.adapter.mlp_out(layer)
+    w = mod.weight.detach()
+    new = w.clone()
+    cols = torch.arange(handle.adapter.d_mlp) if neurons is None else neurons
+    cols = cols.to(w.device)
+    if handle.adapter.out_dim(mod) == 0:   # nn.Linear [out, in]
+        new[:, cols] = (w[:, cols].double() + delta_out_in[:, cols].to(w.device)).to(w.dtype)
+    else:                                  # Conv1D [in, out]
+        new[cols] = (w[cols].double() + delta_out_in[:, cols].T.to(w.device)).to(w.dtype)
+    return handle.adapter.name_of(mod.weight), new
+
+
+def solve_in(C: torch.Tensor, b: torch.Tensor, neurons: torch.Tensor | None) -> torch.Tensor:
+    """C⁻¹ b restricted to ``neurons``: C_SS⁻¹ b_S scattered back with zeros elsewhere (float64).
+    ``b`` is ``[d]`` or ``[d, m]``."""
+    if neurons is None:
+        return torch.linalg.solve(C, b)
+    out = torch.zeros_like(b)
+    S = neurons.to(C.device)
+    out[S] = torch.linalg.solve(C[S][:, S], b[S])
+    return out
