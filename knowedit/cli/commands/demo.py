@@ -5,23 +5,33 @@ import time
 
 
 def add_parser(sub):
-    p = sub.add_parser("demo", help="run the main job on the default model (offline)")
+    p = sub.add_parser("demo", help="run the main job on the default model (offline): circuits, edits, repair, report")
     p.add_argument("--model", default=None, help="Hugging Face id or local directory (default: SmolLM2-135M)")
-    p.add_argument("--n", type=int, default=24, help="IOI prompts")
+    p.add_argument("--out", default="results/demo", help="results directory (replaced)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top", type=int, default=10, help="rows in the head table")
+    p.add_argument("--repair-n", type=int, default=40, help="Colored Objects prompts for the repair")
     return p
 
 
 def run(args):
-    from tqdm.auto import tqdm
+    import logging
 
-    from ..._demo import ioi_section
+    from ...demo import run_demo
     from ...models import load_model
 
+    logging.getLogger("knowedit").setLevel(logging.ERROR)  # steering announces the eager switch per call
     t0 = time.time()
     handle = load_model(args.model)
-    print(f"model: {handle.name}  ({handle.adapter.family}, {handle.adapter.n_layers} layers, "
-          f"{handle.adapter.n_heads} heads / {handle.adapter.n_kv_heads} KV heads, fingerprint {handle.fingerprint})")
-    print(ioi_section(handle, n=args.n, seed=args.seed, top=args.top, progress=tqdm))
-    print(f"\ndone in {time.time() - t0:.0f} s")
+    a = handle.adapter
+    print(f"[1/4] model: {handle.name} ({a.family}, {a.n_layers} layers, {a.n_heads} heads / {a.n_kv_heads} KV heads, "
+          f"fingerprint {handle.fingerprint})")
+    paths = run_demo(handle, out=args.out, repair_n=args.repair_n, seed=args.seed)
+    if "summary.md" in paths:
+        print("\nEditors x mask conditions (means over the edited facts; cf_* = CounterFact probability protocol, "
+              "ee_* = EasyEdit token accuracy; refused = the editor could not edit inside that mask):\n")
+        print(paths["summary.md"].read_text())
+    if "collateral.md" in paths:
+        print("\nCollateral change of the circuit tasks after each edit (after - before, mean):\n")
+        print(paths["collateral.md"].read_text())
+    print(f"report: {paths.get('report.html')}")
+    print(f"done in {time.time() - t0:.0f} s")
