@@ -1,0 +1,54 @@
+"""The persistent repair trains only the chosen heads' q/k slices, bit-exactly nothing else; the
+GPT-2 medium preset runs on a random GPT-2-medium-shaped model (plumbing only)."""
+import pytest
+import torch
+
+from knowedit.circuit import ParameterMask
+from knowedit.errors import KnoweditError
+from knowedit.reuse import GPT2_MEDIUM, distil_steering, repair, steered_scores
+from knowedit.tasks.colored_objects import colored_objects_task
+
+
+def test_distillation_touches_only_masked_qk_slices(tiny, gpt2_tok):
+    task = colored_objects_task(gpt2_tok, n=4, seed=0)
+    heads = ["a1.h0", "a2.h3"]
+    before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    edit = distil_steering(tiny, task, heads, steps=3, lr=1e-2, batch_size=2)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())  # nothing written yet
+    assert edit.info["loss_per_pass"][-1] < edit.info["loss_per_pass"][0]
+    mask = ParameterMask.from_components(tiny, heads, ports="qk").tensors
+    with edit:
+        changed = 0
+        for n, p in tiny.model.named_parameters():
+            m = mask.get(n, torch.zeros_like(p, dtype=torch.bool))
+            assert torch.equal(p[~m], before[n][~m]), n
+            changed += int((p[m] != before[n][m]).sum())
+        assert changed > 0
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())  # undo is bit-exact
+
+
+def test_distillation_refuses_a_task_without_distractor_positions(tiny, gpt2_tok):
+    task = colored_objects_task(gpt2_tok, n=2, seed=0)
+    task.distractor_positions = None
+    with pytest.raises(KnoweditError, match="distractor_positions"):
+        distil_steering(tiny, task, ["a1.h0"], steps=1)
+
+
+def test_gpt2_medium_preset_runs_on_a_random_model(gpt2_tok, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from knowedit.models.handle import ModelHandle
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=24, n_head=16, n_embd=1024, vocab_size=len(gpt2_tok)))
+    h = ModelHandle(model, gpt2_tok, name="random-gpt2-medium")
+    res = repair(h, heads=list(GPT2_MEDIUM.heads), n=4, seed=0, persistent=True, facts_n=4,
+                 persistent_kwargs={"steps": 1, "batch_size": 2})
+    assert res.chosen == list(GPT2_MEDIUM.heads)
+    assert {"no steering", "chosen set", "control: chosen heads to the answer"} <= set(res.table["condition"])
+    assert res.persistent["weight_change_norm"] > 0
+    assert set(res.edit.info["trained_params"]) == {f"transformer.h.{l}.attn.c_attn.weight" for l in (12, 13, 19)} | \
+        {f"transformer.h.{l}.attn.c_attn.bias" for l in (12, 13, 19)}
+    with res.edit:
+        h.save_pretrained(tmp_path / "repaired")
+    assert (tmp_path / "repaired" / "config.json").exists()
