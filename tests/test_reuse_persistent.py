@@ -5,7 +5,7 @@ import torch
 
 from knowedit.circuit import ParameterMask
 from knowedit.errors import KnoweditError
-from knowedit.reuse import GPT2_MEDIUM, distil_steering, repair, steered_scores
+from knowedit.reuse import GPT2_MEDIUM, distil_steering
 from knowedit.tasks.colored_objects import colored_objects_task
 
 
@@ -37,18 +37,29 @@ def test_distillation_refuses_a_task_without_distractor_positions(tiny, gpt2_tok
 def test_gpt2_medium_preset_runs_on_a_random_model(gpt2_tok, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from knowedit.hooks import even_over, record_attention
     from knowedit.models.handle import ModelHandle
+    from knowedit.reuse import head_names
+    from knowedit.reuse.steering import steering_intervention
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=24, n_head=16, n_embd=1024, vocab_size=len(gpt2_tok)))
     h = ModelHandle(model, gpt2_tok, name="random-gpt2-medium")
-    res = repair(h, heads=list(GPT2_MEDIUM.heads), n=4, seed=0, persistent=True, facts_n=4,
-                 persistent_kwargs={"steps": 1, "batch_size": 2})
-    assert res.chosen == list(GPT2_MEDIUM.heads)
-    assert {"no steering", "chosen set", "control: chosen heads to the answer"} <= set(res.table["condition"])
-    assert res.persistent["weight_change_norm"] > 0
-    assert set(res.edit.info["trained_params"]) == {f"transformer.h.{l}.attn.c_attn.weight" for l in (12, 13, 19)} | \
-        {f"transformer.h.{l}.attn.c_attn.bias" for l in (12, 13, 19)}
-    with res.edit:
+    heads = head_names(h, GPT2_MEDIUM.heads)
+    task = colored_objects_task(gpt2_tok, n=2, seed=0)
+    batch = h.tokenize(task.clean)
+    target = even_over(task.distractor_positions, batch.input_ids.shape[1])
+    with torch.no_grad(), steering_intervention(h, task, heads)(batch, slice(0, 2)), \
+            record_attention(h, [12, 13, 19]) as att:
+        h.last_logits(batch)
+    rows = torch.arange(2)
+    for name in heads:
+        c = h.component(name)
+        assert (att[c.layer][rows, c.head, batch.last] - target).abs().max().item() < 1e-4
+    edit = distil_steering(h, task, heads, steps=1, batch_size=2)
+    assert set(edit.info["trained_params"]) == {f"transformer.h.{l}.attn.c_attn.{w}" for l in (12, 13, 19)
+                                                for w in ("weight", "bias")}
+    assert sum(edit.norms().values()) > 0
+    with edit:
         h.save_pretrained(tmp_path / "repaired")
     assert (tmp_path / "repaired" / "config.json").exists()

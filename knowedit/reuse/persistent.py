@@ -116,10 +116,11 @@ def distil_steering(handle, task, heads, steps: int = DEFAULTS["steps"], lr: flo
 
 
 def known_facts(handle, facts_task, batch_size: int = 32):
-    """The facts the unedited model gets right (exact top-1), as an accuracy-metric task."""
+    """The facts the unedited model gets right (exact top-1), as an accuracy-metric task; None if none."""
     t = dataclasses.replace(facts_task, metric="accuracy")
     ok = score(handle, t, batch_size=batch_size)
-    return t.subset([i for i, v in enumerate(ok.tolist()) if v > 0.5])
+    known = [i for i, v in enumerate(ok.tolist()) if v > 0.5]
+    return t.subset(known) if known else None
 
 
 def collateral(handle, edit: Edit, held_out, source_task=None, facts=None, batch_size: int = 32) -> dict:
