@@ -34,19 +34,17 @@ def test_steered_heads_match_target_and_others_keep_their_pattern(smol, cobj):
         assert (plain[c.layer][rows, c.head, batch.last].float() - target).abs().max().item() > 0.05
         # Other query positions of the steered head are untouched.
         assert torch.equal(att[c.layer][rows, c.head, 0], plain[c.layer][rows, c.head, 0])
-    # A head of the same layer that is not steered sees the same inputs and keeps its pattern exactly.
-    assert torch.equal(att[22][:, 0], plain[22][:, 0])
-    assert torch.equal(att[23][:, [h for h in range(9) if h != 0]], plain[23][:, [h for h in range(9) if h != 0]])
+    # Heads of the first steered layer that are not steered see the same inputs: same pattern, exactly.
+    others = [h for h in range(9) if h != 4]
+    assert torch.equal(att[22][:, others], plain[22][:, others])
 
 
 def test_steering_changes_the_answer_and_the_intervention_uses_distractors(smol, cobj):
-    base = steered_scores(smol, cobj, [], batch_size=6)
     batch = smol.tokenize(cobj.clean)
     with torch.no_grad():
         plain = smol.last_logits(batch)
         with steering_intervention(smol, cobj, CHOSEN)(batch, slice(0, len(cobj))):
             steered = smol.last_logits(batch)
-    assert base.shape == (len(cobj),)
     assert (steered - plain).abs().max().item() > 1e-3
 
 
