@@ -63,3 +63,21 @@ def test_gpt2_medium_preset_runs_on_a_random_model(gpt2_tok, tmp_path):
     with edit:
         h.save_pretrained(tmp_path / "repaired")
     assert (tmp_path / "repaired" / "config.json").exists()
+
+
+def test_repair_end_to_end_on_a_tiny_model(tiny_gpt2):
+    from knowedit.reuse import repair
+
+    res = repair(tiny_gpt2, n=4, seed=0, method="greedy")
+    text = str(res)
+    assert "no steering" in text and res.overlap["target"] == 12  # all 3x4 heads (fewer than the top 20)
+    assert set(res.roles["role"]) <= {"mover", "negative mover", "inhibition", "induction", "duplicate-token",
+                                      "previous-token", "other"}
+    before = {n: p.detach().clone() for n, p in tiny_gpt2.model.named_parameters()}
+    fixed = repair(tiny_gpt2, heads="a2.h1,a1.h0", n=4, seed=0, persistent=True, facts_n=8,
+                   persistent_kwargs={"steps": 1, "batch_size": 2})
+    assert fixed.chosen == ["a2.h1", "a1.h0"]
+    assert fixed.table["condition"].str.startswith("control").sum() == 4
+    assert fixed.persistent["weight_change_norm"] > 0 and "persistent repair" in str(fixed)
+    # Not asked to apply: the model is left as it was.
+    assert all(torch.equal(p, before[n]) for n, p in tiny_gpt2.model.named_parameters())
