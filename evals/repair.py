@@ -27,7 +27,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     handle = load_model()
     res = repair(handle, n=args.n, seed=args.seed, data_dir=DATA if DATA.exists() else None, method=args.method,
-                 k=args.k, persistent=True, persistent_kwargs={"steps": 10, "lr": 5e-3, "batch_size": 12},
+                 k=args.k, persistent=True,
                  batch_size=args.n, progress=tqdm)
     text = str(res)
     print(text)
