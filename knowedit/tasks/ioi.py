@@ -3,9 +3,11 @@ John gave a drink to" -> " Mary". Metric: logit(IO) - logit(S) at the last posit
 from __future__ import annotations
 
 import random
+import re
 
 from ..errors import KnoweditError
 from .base import Task
+from .positions import span_positions
 from .vocab import single_token_words
 
 NAMES = ["Mary", "John", "Alice", "Bob", "Sarah", "James", "Emma", "David", "Laura", "Michael", "Anna",
@@ -48,6 +50,7 @@ def ioi_task(tokenizer, n: int = 50, seed: int = 0, corruption: str = "abc", ord
         raise KnoweditError("IOI: too few single-token names/places/objects for this tokenizer")
     rng = random.Random(seed)
     clean, corrupt, ans, dis = [], [], [], []
+    s_pos, io_pos, s2_pos = [], [], []
     tok = lambda w: tokenizer(" " + w, add_special_tokens=False)["input_ids"][0]
     for i in range(n):
         order = orders[i % len(orders)]
@@ -62,9 +65,21 @@ def ioi_task(tokenizer, n: int = 50, seed: int = 0, corruption: str = "abc", ord
             corrupt.append(_swap(tpl, A, B, P, O))
         ans.append(tok(A))
         dis.append(tok(B))
-    return Task("ioi", clean, corrupt, ans, dis, "logit_diff",
+        io, s1, s2 = name_positions(tokenizer, clean[-1], A, B)
+        s_pos.append([s1, s2])
+        io_pos.append([io])
+        s2_pos.append([s2])
+    return Task("ioi", clean, corrupt, ans, dis, "logit_diff", s_pos,
                 meta={"seed": seed, "n": n, "corruption": corruption, "dropped_names": len(NAMES) - len(names),
-                      "names": len(names)})
+                      "names": len(names)},
+                positions={"answer": io_pos, "S1": [[p[0]] for p in s_pos], "S2": s2_pos})
+
+
+def name_positions(tokenizer, text: str, A: str, B: str) -> tuple[int, int, int]:
+    """Token positions of the IO name and of the two subject mentions (S1, S2) in ``text``."""
+    io = [m.span() for m in re.finditer(rf"\b{re.escape(A)}\b", text)]
+    s = [m.span() for m in re.finditer(rf"\b{re.escape(B)}\b", text)]
+    return tuple(span_positions(tokenizer, text, [io[0], s[0], s[-1]]))
 
 
 def _abc(tpl, A, B, C, P, O):

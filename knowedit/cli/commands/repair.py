@@ -1,0 +1,51 @@
+"""``knowedit repair``: steer the heads a target task shares with a source task (circuit reuse)."""
+from __future__ import annotations
+
+import time
+
+from ...errors import KnoweditError
+from .edit import _check_save_dir
+
+
+def add_parser(sub):
+    p = sub.add_parser("repair", help="repair a task by steering heads it shares with another (Merullo et al. 2024)")
+    p.add_argument("--source", default="ioi", help="task whose circuit lends the heads (default ioi)")
+    p.add_argument("--target", default="colored-objects", help="task to repair (default colored-objects)")
+    p.add_argument("--model", default=None, help="Hugging Face id or local directory (default: SmolLM2-135M)")
+    p.add_argument("--heads", default=None, help="comma-separated heads to steer, e.g. a12.h3,a13.h4 (default: chosen)")
+    p.add_argument("--preset", default=None, choices=["gpt2-medium"], help="the published head set for that model")
+    p.add_argument("--data-dir", default=None, help="datasets root or file for the target task (default: generated)")
+    p.add_argument("--method", default="greedy", choices=["greedy", "topk"], help="how the set is chosen")
+    p.add_argument("--k", type=int, default=4, help="at most this many heads in the chosen set")
+    p.add_argument("--persistent", action="store_true", help="distil the steering into the heads' q/k weights")
+    p.add_argument("--save", default=None, help="with --persistent: write the repaired model here (save_pretrained)")
+    p.add_argument("--n", type=int, default=40, help="prompts per task")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run(args):
+    from tqdm.auto import tqdm
+
+    from ...models import load_model
+    from ...reuse import PRESETS, repair
+
+    if args.save and not args.persistent:
+        raise KnoweditError("--save writes the persistent repair; add --persistent")
+    save = _check_save_dir(args.save)
+    if args.n < 2:
+        raise KnoweditError("--n: need at least 2 prompts")
+    heads = args.heads
+    if args.preset:
+        if heads:
+            raise KnoweditError("--preset and --heads both choose the heads; pass one of them")
+        heads = list(PRESETS[args.preset].heads)
+    t0 = time.time()
+    handle = load_model(args.model)
+    res = repair(handle, args.source, args.target, heads=heads, n=args.n, seed=args.seed, data_dir=args.data_dir,
+                 method=args.method, k=args.k, persistent=args.persistent, apply=bool(save), progress=tqdm)
+    print(res)
+    if save is not None:
+        handle.save_pretrained(save)
+        print(f"saved the repaired model to {save}")
+    print(f"\ndone in {time.time() - t0:.0f} s")
