@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import KnoweditError
+from ..models.handle import Batch
 from ..models.cache import atomic_write_bytes, cache_root
 from .fields import field
 
@@ -161,19 +162,14 @@ def collect(handle, layers: list[int], ids: list[list[int]], batch_size: int = 3
         for l in layers:
             hs.pre(a.mlp_out(l), grab(l))
         for b in tqdm(batches, desc=f"covariance at layers {layers}", leave=False):
-            T = max(len(ids[i]) for i in b)
-            x = torch.full((len(b), T), pad, dtype=torch.long)
-            m = torch.zeros((len(b), T), dtype=torch.bool)
-            for r, i in enumerate(b):
-                x[r, :len(ids[i])] = torch.tensor(ids[i])
-                m[r, :len(ids[i])] = True
-            cur["mask"] = m.to(handle.device)
+            padded = Batch.from_ids([ids[i] for i in b], pad, handle.device)
+            cur["mask"] = padded.attention_mask.bool()
             try:
-                handle.model(input_ids=x.to(handle.device), attention_mask=m.long().to(handle.device), use_cache=False,
+                handle.model(input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False,
                              logits_to_keep=1)
             except _Done:
                 pass
-            count += int(m.sum())
+            count += int(padded.attention_mask.sum())
     return {l: (sums[l], count) for l in layers}
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KnoweditError
+from ..models.handle import Batch
 
 OBJECTIVES = ("prompt_last", "target_new")
 
@@ -55,15 +56,10 @@ def make_batch(handle, requests, objective: str, max_length: int) -> FTBatch:
             pos += [(i, len(p) - 1)] * len(t)
         labels += t
         owner += [i] * len(t)
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)
-    am = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        am[i, :len(s)] = 1
     dev = handle.device
+    padded = Batch.from_ids(seqs, tok.pad_token_id, dev)
     rows, cols = torch.tensor([r for r, _ in pos]), torch.tensor([c for _, c in pos])
-    return FTBatch(ids.to(dev), am.to(dev), rows.to(dev), cols.to(dev), torch.tensor(labels).to(dev),
+    return FTBatch(padded.input_ids, padded.attention_mask, rows.to(dev), cols.to(dev), torch.tensor(labels).to(dev),
                    torch.tensor(owner).to(dev))
 
 

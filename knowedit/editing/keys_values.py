@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KnoweditError
+from ..models.handle import Batch
 from ..hooks.hookset import HookSet
 from .fields import field
 from .request import EditRequest
@@ -88,14 +89,9 @@ def build_rows(handle, req: EditRequest, contexts: list[str], with_target: bool 
         ids, s = _subject_last(tok, text, kp.index("{}") + len(req.subject), req.label)
         seqs.append(ids)
         subj.append(s)
-    T = max(map(len, seqs))
-    x = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)
-    m = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, :len(s)] = torch.tensor(s)
-        m[i, :len(s)] = 1
     dev = handle.device
-    return Rows(x.to(dev), m.to(dev), torch.tensor(subj, device=dev), len(contexts), tpos, target)
+    padded = Batch.from_ids(seqs, tok.pad_token_id, dev)
+    return Rows(padded.input_ids, padded.attention_mask, torch.tensor(subj, device=dev), len(contexts), tpos, target)
 
 
 def _out(o):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models.handle import Batch
+
 
 @torch.no_grad()
 def sequence_probs(handle, prompts: list[str], targets: list[str], batch_size: int = 16) -> list[float]:
@@ -13,13 +15,8 @@ def sequence_probs(handle, prompts: list[str], targets: list[str], batch_size: i
         ps, ts = prompts[s:s + batch_size], targets[s:s + batch_size]
         pids = [tok(p, add_special_tokens=False)["input_ids"] for p in ps]
         tids = [tok(" " + t, add_special_tokens=False)["input_ids"] for t in ts]
-        T = max(len(p) + len(t) for p, t in zip(pids, tids))
-        ids = torch.full((len(ps), T), tok.pad_token_id, dtype=torch.long)
-        am = torch.zeros_like(ids)
-        for i, (p, t) in enumerate(zip(pids, tids)):
-            ids[i, :len(p) + len(t)] = torch.tensor(p + t)
-            am[i, :len(p) + len(t)] = 1
-        logp = handle.model(input_ids=ids.to(handle.device), attention_mask=am.to(handle.device),
+        b = Batch.from_ids([p + t for p, t in zip(pids, tids)], tok.pad_token_id, handle.device)
+        logp = handle.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                             use_cache=False).logits.float().log_softmax(-1)
         for i, (p, t) in enumerate(zip(pids, tids)):
             pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=logp.device)

@@ -29,6 +29,18 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @classmethod
+    def from_ids(cls, seqs, pad_id: int, device=None) -> "Batch":
+        """Right-pad token id lists into one batch."""
+        T = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        lengths = torch.tensor([len(s) for s in seqs])
+        return cls(input_ids.to(device), mask.to(device), lengths.to(device))
+
 
 class ModelHandle:
     def __init__(self, model, tokenizer, name: str, source: str | None = None):
@@ -90,16 +102,7 @@ class ModelHandle:
         for i, (p, t) in enumerate(zip(prompts, ids)):
             if not t:
                 raise KnoweditError(f"prompts[{i}]: {p!r} tokenises to nothing; pass non-empty text")
-        T = max(len(t) for t in ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(ids), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for i, t in enumerate(ids):
-            input_ids[i, : len(t)] = torch.tensor(t)
-            mask[i, : len(t)] = 1
-        lengths = torch.tensor([len(t) for t in ids])
-        dev = self.device
-        return Batch(input_ids.to(dev), mask.to(dev), lengths.to(dev))
+        return Batch.from_ids(ids, self.tokenizer.pad_token_id, self.device)
 
     def token_id(self, text: str, field: str = "token") -> int:
         """The id of ``text`` if it is exactly one token, else an error naming the field."""
