@@ -94,3 +94,14 @@ def test_summary_aggregates_and_formats(tmp_path):
 def test_report_without_results_says_what_to_run(tmp_path):
     with pytest.raises(KnoweditError, match="knowedit eval"):
         build_report(tmp_path)
+
+
+def test_summary_keeps_a_row_for_a_fully_refused_condition():
+    from knowedit.report.tables import summary_table
+    ok = {"case_id": 0, "editor": "rome", "condition": "none", "error": None,
+          "before": {"cf_es": 0.0}, "metrics": {"cf_es": 1.0}}
+    refused = {"case_id": 0, "editor": "rome", "condition": "complement", "error": "mask: no MLP", "metrics": {}}
+    df = summary_table([ok, refused])
+    assert ("rome", "complement") in df.index
+    assert df.loc[("rome", "complement"), "n"] == 0 and df.loc[("rome", "complement"), "errors"] == 1
+    assert df.loc[("rome", "none"), "cf_es"] == 1.0

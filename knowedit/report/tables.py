@@ -75,6 +75,12 @@ def summary_table(records: list[dict], include_unedited: bool = True) -> pd.Data
         if r.get("error"):
             errs[(r["editor"], r["condition"])] += 1
     if errs.sum():
+        # A condition whose every edit was refused still gets a row (n = 0), so a reader sees that
+        # the editor could not write there rather than a silently missing condition.
+        missing = [k for k in errs.index if k not in out.index]
+        if missing:
+            out = pd.concat([out, pd.DataFrame({"n": [0] * len(missing)},
+                                               index=pd.MultiIndex.from_tuples(missing, names=keys))])
         out["errors"] = [int(errs.get(i, 0)) for i in out.index]
     return out
 
