@@ -17,3 +17,14 @@ def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
             f()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def report_ratio(title: str, medians: dict, base: str, other: str, budget: str) -> float:
+    """Print two medians and their ratio (``other / base``) against a budget; return the ratio."""
+    ratio = medians[other] / medians[base]
+    width = max(len(base), len(other), len("ratio")) + 2
+    print(title)
+    for k in (base, other):
+        print(f"  {k:<{width}}{medians[k] * 1000:8.1f} ms")
+    print(f"  {'ratio':<{width}}{ratio:8.3f}   (budget {budget})")
+    return ratio

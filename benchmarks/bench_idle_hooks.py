@@ -8,7 +8,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import interleaved_medians  # noqa: E402
+from _timing import interleaved_medians, report_ratio  # noqa: E402
 
 from knowedit import load_model  # noqa: E402
 from knowedit.hooks import idle_hooks  # noqa: E402
@@ -29,12 +29,10 @@ def main():
         with idle_hooks(h):
             h.forward(batch)
 
-    med = interleaved_medians({"plain": plain, "idle hooks": hooked}, repeats=int(os.environ.get("REPEATS", 11)))
-    ratio = med["idle hooks"] / med["plain"]
-    print(f"forward, 16 IOI prompts x {batch.input_ids.shape[1]} tokens, median of {os.environ.get('REPEATS', 11)}")
-    print(f"  plain       {med['plain'] * 1000:8.1f} ms")
-    print(f"  idle hooks  {med['idle hooks'] * 1000:8.1f} ms")
-    print(f"  ratio       {ratio:8.3f}   (budget <= 1.05)")
+    reps = int(os.environ.get("REPEATS", 11))
+    med = interleaved_medians({"plain": plain, "idle hooks": hooked}, repeats=reps)
+    report_ratio(f"forward, 16 IOI prompts x {batch.input_ids.shape[1]} tokens, median of {reps}",
+                 med, "plain", "idle hooks", "<= 1.05")
 
 
 if __name__ == "__main__":

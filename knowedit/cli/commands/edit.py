@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from ...errors import KnoweditError
+from ...tasks.datafile import read_json_or_lines
 
 PROB_NOTE = ("P(x) = probability of the whole target x given the prompt (teacher-forced product over its "
              "tokens, target tokenised with a leading space); 'new' = target_new, 'true' = target_true.")
@@ -30,17 +31,7 @@ def add_parser(sub):
 
 
 def read_request_file(path) -> list:
-    path = Path(path)
-    if not path.exists():
-        raise KnoweditError(f"--requests: {path} does not exist")
-    text = path.read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise KnoweditError(f"--requests: {path} is neither a JSON list nor JSON lines ({e})") from None
+    data = read_json_or_lines(path, "--requests", "give a JSON list or JSON lines of edit requests")
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):

@@ -2,11 +2,11 @@
 with optional KnowEdit-style ``portability`` and ``locality`` fields. All return EditRequests."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ...editing.request import EditRequest, from_record, make_request
 from ...errors import KnoweditError
+from ...tasks.datafile import read_json_or_lines
 from .download import fetch
 
 SOURCES = {
@@ -17,17 +17,7 @@ SOURCES = {
 
 
 def read_json_records(path) -> list:
-    path = Path(path)
-    if not path.exists():
-        raise KnoweditError(f"dataset file {path} does not exist; pass the path of a local copy")
-    text = path.read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:  # JSON lines
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise KnoweditError(f"{path}: neither JSON nor JSON lines ({e})") from None
+    data = read_json_or_lines(path, "dataset file")
     if isinstance(data, dict):  # some releases wrap the list
         data = data.get("data") or data.get("examples") or [data]
     if not isinstance(data, list):
