@@ -7,6 +7,7 @@ gives the same prefixes), each followed by ". " and the prompt, plus the bare pr
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from ..errors import KnoweditError
 from ..models.handle import Batch
 from ..hooks.hookset import HookSet
 from .fields import field
+from .replay import block_index, replay_blocks
 from .request import EditRequest
 
 _PREFIX_STARTS = ["The", "Therefore", "Because", "I", "You"]
@@ -165,24 +167,36 @@ def optimise_delta(handle, req: EditRequest, rows: Rows, site, hp: dict) -> tupl
     def grab(m, args, o):
         state["h"] = _out(o)
 
+    live = block_index(a, site) if hp.get("replay_early_blocks", True) else 0
+    early: list = [None] * live
+
+    def record(i):
+        def fn(m, args, o):
+            if not state.get("on"):
+                early[i] = o
+        return fn
+
     def head(h):
         return a.unembed(a.ln_final(h)).float().log_softmax(-1)
 
     params = [p for p in handle.model.parameters()]
     was = [p.requires_grad for p in params]
     opt = torch.optim.Adam([delta], lr=lr)
-    info = {"steps": 0}
+    info = {"steps": 0, "replayed_blocks": live}
     try:
         for p in params:
             p.requires_grad_(False)
-        with HookSet() as hs:
+        with HookSet() as hs, ExitStack() as stack:
             hs.post(site, add_delta)  # before grab: the site may be the loss layer itself
             hs.post(a.block(loss_layer), grab)
+            for i in range(live):
+                hs.post(a.block(i), record(i))
             with torch.no_grad():
                 handle.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False,
                              logits_to_keep=1)
                 ref = head(state["h"][kl_rows, kl_last]) if len(kl_rows) else None
             state["on"] = True
+            stack.enter_context(replay_blocks(a, early))
             for step in range(steps + 1):
                 handle.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False,
                              logits_to_keep=1)

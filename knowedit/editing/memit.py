@@ -39,8 +39,29 @@ MEMIT_DEFAULTS: dict = {
 }
 
 
-def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "restrict") -> Edit:
-    """Apply MEMIT to a batch of requests; returns the applied Edit (nothing changes on failure)."""
+def memit_targets(handle, requests: list, hparams: dict) -> tuple[list[torch.Tensor], list[dict]]:
+    """The residual changes δ (z − h̄ᴸ) per request. They depend only on the top edit layer and the
+    δ-optimisation fields, so a caller can compute them once and pass them to :func:`apply_memit`
+    while trying other λ (mom2_update_weight) or lower layers."""
+    from tqdm.auto import tqdm
+
+    hp = {**MEMIT_DEFAULTS, **(hparams or {})}
+    a = handle.adapter
+    top = max(layer_list(hp, a.n_layers))
+    ctx = prefixes(handle, hp)
+    targets, infos = [], []
+    for r in tqdm(requests, desc="MEMIT targets", leave=False):
+        rw = build_rows(handle, r, ctx, kl_prompts=field(hp, "kl_prompts", list))
+        delta, info = optimise_delta(handle, r, rw, a.block(top), hp)
+        targets.append(delta)
+        infos.append(dict(info, case=r.label, top_layer=top))
+    return targets, infos
+
+
+def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "restrict",
+                targets: tuple | None = None) -> Edit:
+    """Apply MEMIT to a batch of requests; returns the applied Edit (nothing changes on failure).
+    ``targets``: the output of :func:`memit_targets` for these requests and the same top layer."""
     from tqdm.auto import tqdm
 
     hp = {**MEMIT_DEFAULTS, **(hparams or {})}
@@ -57,11 +78,13 @@ def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "r
     ctx = prefixes(handle, hp)
     rows = [build_rows(handle, r, ctx, kl_prompts=kl_prompts) for r in requests]
 
-    targets, infos = [], []
-    for r, rw in zip(tqdm(requests, desc="MEMIT targets", leave=False), rows):
-        delta, info = optimise_delta(handle, r, rw, a.block(top), hp)
-        targets.append(delta)
-        infos.append(dict(info, case=r.label))
+    if targets is None:
+        targets = memit_targets(handle, requests, hp)
+    targets, infos = targets
+    if len(targets) != len(requests) or any(i.get("top_layer") != top for i in infos):
+        raise KnoweditError(f"targets: computed for {len(targets)} requests at top layer "
+                            f"{infos[0].get('top_layer') if infos else None}, but this call has {len(requests)} "
+                            f"requests and top layer {top}; recompute them with memit_targets")
 
     def averaged(layer):
         """Prefix-averaged keys at ``layer`` and residual after ``top``, per request."""
