@@ -5,6 +5,8 @@ from ..circuit.circuit import Circuit, _r, model_info
 from ..errors import KnoweditError
 from .attribution import attribution_scores
 from .curves import mib_areas
+from .edge_attribution import edge_attribution_scores
+from .edge_evaluate import EdgeEvaluator
 from .evaluate import Evaluator
 from .patching import patching_scores
 from .select import RANKINGS, greedy_prune, ranked, smallest_top_k
@@ -34,7 +36,7 @@ def discover(handle, task, method: str = "eap", level: str = "node", ablation: s
     MLP for ``'nodes'``) are scored by ``method``; the circuit is the ``top_k`` best (or the
     smallest top-k reaching faithfulness ``target``), then greedily pruned while faithfulness stays
     >= ``target``. ``mib=True`` also measures the MIB faithfulness curves and stores CPR/CMD in
-    ``extra['mib']``. (``level='edge'`` is reserved for edge circuits, not built yet.)"""
+    ``extra['mib']``. ``level='edge'`` scores and selects edges instead (see :func:`discover_edges`)."""
     if method not in METHODS:
         raise KnoweditError(f"method: {method!r} is unknown; use one of {METHODS}")
     if level not in LEVELS:
@@ -42,9 +44,11 @@ def discover(handle, task, method: str = "eap", level: str = "node", ablation: s
     if rank not in RANKINGS:
         raise KnoweditError(f"rank: {rank!r} is unknown; use one of {RANKINGS}")
     if level == "edge":
-        # Edge scores need per-head input gradients (q/k/v ports, GQA groups) and edge ablation needs
-        # per-destination inputs; neither is built yet, and a node circuit must not pose as an edge one.
-        raise KnoweditError("level: 'edge' is not implemented yet in this knowedit; use level='node'")
+        if method == "patching":
+            raise KnoweditError("method: 'patching' at level 'edge' would take one run per edge (over 100k on "
+                                "the default model); use method='eap' or 'eap-ig' for edges")
+        return discover_edges(handle, task, method, ablation, target, top_k, rank, steps, batch_size, mib,
+                              progress)
     ev = Evaluator(handle, task, ablation=ablation, batch_size=batch_size, candidates=candidates)
     scores = node_scores(ev, method, steps, progress)
     order = ranked(scores, rank)
@@ -82,3 +86,48 @@ def discover(handle, task, method: str = "eap", level: str = "node", ablation: s
                         "definition": areas["definition"]}
     return Circuit(model_info(handle), task_info(task), settings, {**fixed_scores, **{n: scores[n] for n in members}}, {},
                    threshold=threshold, faithfulness=f, extra=extra)
+
+
+# An edge circuit file keeps the circuit's edges and this many of the best-scored candidates.
+TOP_EDGE_SCORES = 2000
+
+
+def discover_edges(handle, task, method: str, ablation: str, target: float, top_k: int | None, rank: str,
+                   steps: int, batch_size: int, mib: bool, progress=None) -> Circuit:
+    """Edge-level discovery: EAP or EAP-IG edge scores, then the top-k edges (or the smallest top-k
+    reaching ``target``). No greedy pruning: it would cost one run per member edge."""
+    ev = EdgeEvaluator(handle, task, ablation=ablation, batch_size=batch_size)
+    scores = edge_attribution_scores(ev, method, steps=steps, progress=progress)
+    order = ranked(scores, rank)
+    if top_k is not None:
+        if not 0 < top_k <= len(order):
+            raise KnoweditError(f"top_k: {top_k} is outside 1..{len(order)}")
+        members, f = order[:top_k], ev.faithfulness(order[:top_k])
+    else:
+        k, f = smallest_top_k(ev, order, target, progress)
+        members = order[:k]
+    settings = {"name": method, "level": "edge", **ev.reference.settings(), "rank": rank,
+                "candidates": "edges between heads (q/k/v inputs) and MLPs, and into the logits; the "
+                              "embedding's edges always kept",
+                "empty_circuit": "every candidate edge ablated",
+                "selection": "top-k" if top_k else "smallest top-k reaching target",
+                "target_faithfulness": target, "top_k": len(members), "batch_size": batch_size,
+                "score": "normalised: -(estimated change of m when the edge alone is ablated) / (m(N) - m(empty))"}
+    if method == "eap-ig":
+        settings["ig_steps"] = steps
+    threshold = min((abs(scores[n]) if rank == "abs" else scores[n]) for n in members) if members else None
+    edges = {n: scores[n] for n in members}
+    probe = Circuit(model_info(handle), task_info(task), settings, {}, edges)
+    heads = probe.heads()
+    extra = {"m_full": _r(ev.full), "m_empty": _r(ev.empty), "n_edges": len(members),
+             "n_candidate_edges": len(order), "edge_share": _r(len(members) / len(order)),
+             "n_heads": len(heads), "n_mlps": len(probe.mlps()), "head_share": _r(len(heads) / len(handle.all_heads())),
+             "top_scores": {n: _r(scores[n]) for n in order[:TOP_EDGE_SCORES]}}
+    if mib:
+        areas = mib_areas(ev, scores, progress=progress)
+        extra["mib"] = {"cpr": _r(areas["cpr"]), "cmd": _r(areas["cmd"]), "sizes": areas["sizes"],
+                        "cpr_curve": [_r(r["faithfulness"]) for r in areas["cpr_curve"]],
+                        "cmd_curve": [_r(r["faithfulness"]) for r in areas["cmd_curve"]],
+                        "definition": areas["definition"]}
+    return Circuit(model_info(handle), task_info(task), settings, {}, edges, threshold=threshold, faithfulness=f,
+                   extra=extra)

@@ -113,9 +113,13 @@ class _null:
 
 
 def circuit_faithfulness(handle, circuit, task, batch_size: int = 32) -> float:
-    """Re-evaluate a node circuit's faithfulness on ``task`` with the ablation and candidate set its
-    method settings record (independently of the scores that chose it)."""
+    """Re-evaluate a circuit's faithfulness on ``task`` (an edge circuit through its edges) with the
+    ablation and candidate set its method settings record, independently of the scores that chose it."""
     circuit.check_model(handle)
+    if circuit.edges and circuit.method.get("level") == "edge":
+        from .edge_evaluate import EdgeEvaluator
+        ev = EdgeEvaluator(handle, task, ablation=circuit.method.get("ablation", "mean"), batch_size=batch_size)
+        return ev.faithfulness(circuit.edges)
     ev = Evaluator(handle, task, ablation=circuit.method.get("ablation", "mean"), batch_size=batch_size,
                    candidates=circuit.method.get("candidates", "nodes"))
     return ev.faithfulness(circuit.nodes)

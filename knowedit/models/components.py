@@ -57,6 +57,10 @@ class Edge:
     def __str__(self) -> str:
         return self.name
 
+    def sort_key(self):
+        # by destination, then port, then source: an edge list reads in forward order
+        return (self.dst.without_port().sort_key(), self.dst.port, self.src.sort_key())
+
 
 def head(layer: int, h: int) -> Component:
     return Component("head", layer, h)
