@@ -26,6 +26,23 @@ def node_scores(ev: Evaluator, method: str, steps: int = 5, progress=None) -> di
     return attribution_scores(ev, method, steps=steps, progress=progress)
 
 
+def select(ev, order: list[str], target: float, top_k: int | None, progress=None) -> tuple[list[str], float]:
+    """The ``top_k`` best, or the smallest top-k reaching ``target``; with its faithfulness."""
+    if top_k is not None:
+        if not 0 < top_k <= len(order):
+            raise KnoweditError(f"top_k: {top_k} is outside 1..{len(order)}")
+        return order[:top_k], ev.faithfulness(order[:top_k])
+    k, f = smallest_top_k(ev, order, target, progress)
+    return order[:k], f
+
+
+def mib_record(ev, scores: dict[str, float], progress=None) -> dict:
+    areas = mib_areas(ev, scores, progress=progress)
+    return {"cpr": _r(areas["cpr"]), "cmd": _r(areas["cmd"]), "sizes": areas["sizes"],
+            "cpr_curve": [_r(r["faithfulness"]) for r in areas["cpr_curve"]],
+            "cmd_curve": [_r(r["faithfulness"]) for r in areas["cmd_curve"]], "definition": areas["definition"]}
+
+
 def discover(handle, task, method: str = "eap", level: str = "node", ablation: str = "mean",
              target: float = 0.8, prune: bool = True, top_k: int | None = None, rank: str = "abs",
              steps: int = 5, batch_size: int = 32, candidates: str = "heads", mib: bool = False,
@@ -52,13 +69,7 @@ def discover(handle, task, method: str = "eap", level: str = "node", ablation: s
     ev = Evaluator(handle, task, ablation=ablation, batch_size=batch_size, candidates=candidates)
     scores = node_scores(ev, method, steps, progress)
     order = ranked(scores, rank)
-    if top_k is not None:
-        if not 0 < top_k <= len(order):
-            raise KnoweditError(f"top_k: {top_k} is outside 1..{len(order)}")
-        members, f = order[:top_k], ev.faithfulness(order[:top_k])
-    else:
-        k, f = smallest_top_k(ev, order, target, progress)
-        members = order[:k]
+    members, f = select(ev, order, target, top_k, progress)
     k_top = len(members)
     if prune and target is not None:
         members, f = greedy_prune(ev, members, scores, target, progress)
@@ -79,11 +90,7 @@ def discover(handle, task, method: str = "eap", level: str = "node", ablation: s
              "n_mlps": len(members) - n_heads + len(ev.fixed), "head_share": _r(n_heads / len(handle.all_heads())),
              "all_scores": {n: _r(scores[n]) for n in order}}
     if mib:
-        areas = mib_areas(ev, scores, progress=progress)
-        extra["mib"] = {"cpr": _r(areas["cpr"]), "cmd": _r(areas["cmd"]), "sizes": areas["sizes"],
-                        "cpr_curve": [_r(r["faithfulness"]) for r in areas["cpr_curve"]],
-                        "cmd_curve": [_r(r["faithfulness"]) for r in areas["cmd_curve"]],
-                        "definition": areas["definition"]}
+        extra["mib"] = mib_record(ev, scores, progress)
     return Circuit(model_info(handle), task_info(task), settings, {**fixed_scores, **{n: scores[n] for n in members}}, {},
                    threshold=threshold, faithfulness=f, extra=extra)
 
@@ -99,13 +106,7 @@ def discover_edges(handle, task, method: str, ablation: str, target: float, top_
     ev = EdgeEvaluator(handle, task, ablation=ablation, batch_size=batch_size)
     scores = edge_attribution_scores(ev, method, steps=steps, progress=progress)
     order = ranked(scores, rank)
-    if top_k is not None:
-        if not 0 < top_k <= len(order):
-            raise KnoweditError(f"top_k: {top_k} is outside 1..{len(order)}")
-        members, f = order[:top_k], ev.faithfulness(order[:top_k])
-    else:
-        k, f = smallest_top_k(ev, order, target, progress)
-        members = order[:k]
+    members, f = select(ev, order, target, top_k, progress)
     settings = {"name": method, "level": "edge", **ev.reference.settings(), "rank": rank,
                 "candidates": "edges between heads (q/k/v inputs) and MLPs, and into the logits; the "
                               "embedding's edges always kept",
@@ -124,10 +125,6 @@ def discover_edges(handle, task, method: str, ablation: str, target: float, top_
              "n_heads": len(heads), "n_mlps": len(probe.mlps()), "head_share": _r(len(heads) / len(handle.all_heads())),
              "top_scores": {n: _r(scores[n]) for n in order[:TOP_EDGE_SCORES]}}
     if mib:
-        areas = mib_areas(ev, scores, progress=progress)
-        extra["mib"] = {"cpr": _r(areas["cpr"]), "cmd": _r(areas["cmd"]), "sizes": areas["sizes"],
-                        "cpr_curve": [_r(r["faithfulness"]) for r in areas["cpr_curve"]],
-                        "cmd_curve": [_r(r["faithfulness"]) for r in areas["cmd_curve"]],
-                        "definition": areas["definition"]}
+        extra["mib"] = mib_record(ev, scores, progress)
     return Circuit(model_info(handle), task_info(task), settings, {}, edges, threshold=threshold, faithfulness=f,
                    extra=extra)

@@ -16,13 +16,12 @@ from typing import Iterable
 
 import torch
 
-from ..errors import KnoweditError
 from ..hooks import HookSet
 from ..hooks.ports import check_supported, head_ports, port_weight
 from ..tasks.base import per_prompt_scores
 from .edge_attribution import head_outputs, source_outputs
 from .edge_graph import EdgeGraph
-from .evaluate import Evaluator
+from .evaluate import Evaluator, checked_gap
 
 
 class EdgeEvaluator:
@@ -131,12 +130,7 @@ class EdgeEvaluator:
         return self._empty
 
     def gap(self) -> float:
-        g = self.full - self.empty
-        if abs(g) < 1e-6:
-            raise KnoweditError(f"task {self.task.name!r}: the metric is the same with every edge and with none "
-                                f"({self.full:.4g}); the corruption does not change the behaviour, so nothing "
-                                "can be attributed. Use another corruption or more prompts")
-        return g
+        return checked_gap(self.task, self.full, self.empty, "edge")
 
     def faithfulness(self, edges: Iterable[str]) -> float:
         return (self.metric_with(self.graph.present(edges)) - self.empty) / self.gap()

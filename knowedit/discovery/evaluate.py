@@ -41,6 +41,16 @@ def gradient_metric(metric: str) -> str:
     return "logit_diff" if metric == "accuracy" else metric
 
 
+def checked_gap(task, full: float, empty: float, what: str) -> float:
+    """``m(N) - m(∅)``, refusing a task whose corruption does not change the behaviour."""
+    g = full - empty
+    if abs(g) < 1e-6:
+        raise KnoweditError(f"task {task.name!r}: the metric is the same with and without every {what} "
+                            f"({full:.4g}); the corruption does not change the behaviour, so nothing "
+                            "can be attributed. Use another corruption or more prompts")
+    return g
+
+
 class Evaluator:
     """Runs the task's clean prompts with sets of nodes ablated; caches batches and references."""
 
@@ -92,12 +102,7 @@ class Evaluator:
         return self._empty
 
     def gap(self) -> float:
-        g = self.full - self.empty
-        if abs(g) < 1e-6:
-            raise KnoweditError(f"task {self.task.name!r}: the metric is the same with and without every node "
-                                f"({self.full:.4g}); the corruption does not change the behaviour, so nothing "
-                                "can be attributed. Use another corruption or more prompts")
-        return g
+        return checked_gap(self.task, self.full, self.empty, "node")
 
     def faithfulness(self, nodes: Iterable[str]) -> float:
         keep = {self.handle.component(n).name for n in nodes}
