@@ -81,3 +81,22 @@ def test_repair_end_to_end_on_a_tiny_model(tiny_gpt2):
     assert fixed.persistent["weight_change_norm"] > 0 and "persistent repair" in str(fixed)
     # Not asked to apply: the model is left as it was.
     assert all(torch.equal(p, before[n]) for n, p in tiny_gpt2.model.named_parameters())
+
+
+def test_repair_takes_the_tasks_circuits_edge_circuits_included(tiny_gpt2):
+    from knowedit.circuit import Circuit
+    from knowedit.reuse import repair
+
+    src = Circuit.from_components(tiny_gpt2, ["a2.h1->logits", "a0.h3->a2.h1.q", "a1.h0->m1"])
+    tgt = Circuit.from_components(tiny_gpt2, ["a2.h1", "a1.h0", "a0.h2"])
+    res = repair(tiny_gpt2, n=4, seed=0, source_heads=src, target_heads=tgt, method="topk", k=1)
+    assert res.meta["source_heads"] == ["a0.h3", "a1.h0", "a2.h1"]
+    assert res.meta["candidates"] == ["a1.h0", "a2.h1"] and res.overlap["shared"] == 2
+
+
+def test_repair_cli_names_a_missing_circuit_file(tmp_path, capsys):
+    from knowedit.cli.main import main
+
+    missing = tmp_path / "nope.json"
+    code = main(["repair", "--source-circuit", str(missing), "--n", "4"])
+    assert code != 0 and "nope.json" in capsys.readouterr().err

@@ -197,6 +197,8 @@ class Circuit:
     @classmethod
     def load(cls, path, handle=None) -> "Circuit":
         """Read a circuit file; with ``handle``, also check it was found on that model."""
+        if not Path(path).is_file():
+            raise KnoweditError(f"{path}: no such circuit file; write one with `knowedit discover ... --out {path}`")
         try:
             d = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:

@@ -11,7 +11,7 @@ from .roles import head_profiles
 def head_names(handle, heads, field: str = "heads") -> list[str]:
     """Validated head names from a Circuit, names or Components (order kept, duplicates dropped)."""
     if isinstance(heads, Circuit):
-        heads = [n for n in heads.nodes if str(n).startswith("a")]
+        heads = heads.heads()  # node circuits and the heads at the ends of an edge circuit's edges
     if isinstance(heads, str):
         heads = [h for h in heads.split(",") if h.strip()]
     out = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from ...errors import KnoweditError
 from .edit import _check_save_dir
@@ -13,6 +14,9 @@ def add_parser(sub):
     p.add_argument("--target", default="colored-objects", help="task to repair (default colored-objects)")
     p.add_argument("--model", default=None, help="Hugging Face id or local directory (default: SmolLM2-135M)")
     p.add_argument("--heads", default=None, help="comma-separated heads to steer, e.g. a12.h3,a13.h4 (default: chosen)")
+    p.add_argument("--source-circuit", default=None, help="the source task's circuit JSON (default: its top heads "
+                   "by attention + |DLA|)")
+    p.add_argument("--target-circuit", default=None, help="the target task's circuit JSON (same default)")
     p.add_argument("--preset", default=None, choices=["gpt2-medium"], help="the published head set for that model")
     p.add_argument("--data-dir", default=None, help="datasets root or file for the target task (default: generated)")
     p.add_argument("--method", default="greedy", choices=["greedy", "topk"], help="how the set is chosen")
@@ -27,6 +31,7 @@ def add_parser(sub):
 def run(args):
     from tqdm.auto import tqdm
 
+    from ...circuit import Circuit
     from ...models import load_model
     from ...reuse import PRESETS, repair
 
@@ -40,10 +45,21 @@ def run(args):
         if heads:
             raise KnoweditError("--preset and --heads both choose the heads; pass one of them")
         heads = list(PRESETS[args.preset].heads)
+    for role in ("source", "target"):
+        path = getattr(args, f"{role}_circuit")
+        if path and not Path(path).is_file():  # before the model loads
+            raise KnoweditError(f"--{role}-circuit: {path} does not exist; write it with "
+                                f"`knowedit discover --task {getattr(args, role)} --out {path}`")
     t0 = time.time()
     handle = load_model(args.model)
+    circuits = {}
+    for role in ("source", "target"):
+        path = getattr(args, f"{role}_circuit")
+        if path:
+            circuits[f"{role}_heads"] = Circuit.load(path, handle)
     res = repair(handle, args.source, args.target, heads=heads, n=args.n, seed=args.seed, data_dir=args.data_dir,
-                 method=args.method, k=args.k, persistent=args.persistent, apply=bool(save), progress=tqdm)
+                 method=args.method, k=args.k, persistent=args.persistent, apply=bool(save), progress=tqdm,
+                 **circuits)
     print(res)
     if save is not None:
         handle.save_pretrained(save)
