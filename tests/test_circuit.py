@@ -69,3 +69,14 @@ def test_circuit_set_algebra(tiny):
     assert "a1.h2" not in comp.heads() and len(comp.heads()) == 3 * 4 - 2
     with pytest.raises(KnoweditError, match="out of range"):
         Circuit.from_components(tiny, ["a7.h0"])
+
+
+def test_top_heads_ranks_by_absolute_score_and_needs_scores(tiny_gpt2):
+    from knowedit.circuit import Circuit
+    c = Circuit.from_components(tiny_gpt2, ["a0.h1"])
+    with pytest.raises(KnoweditError, match="all_scores"):
+        c.top_heads(0.1)
+    c.extra["all_scores"] = {"a0.h1": 0.1, "a1.h2": -0.5, "a2.h0": 0.3, "a0.h0": 0.0}
+    assert c.top_heads(0.5) == ["a1.h2", "a2.h0"]
+    with pytest.raises(KnoweditError, match="share"):
+        c.top_heads(0)

@@ -67,6 +67,19 @@ class Circuit:
     def heads(self) -> list[str]:
         return [c.name for c in self.components() if c.kind == "head"]
 
+    def top_heads(self, share: float) -> list[str]:
+        """The top ``share`` of all candidate heads by |score| (from the discovery run's
+        ``extra['all_scores']``), best first: a fixed-share selection like Merullo et al.'s, whatever
+        faithfulness target chose the circuit itself."""
+        scores = {n: abs(v) for n, v in (self.extra.get("all_scores") or {}).items() if n.startswith("a")}
+        if not scores:
+            raise KnoweditError(f"circuit {self.task.get('name')!r} has no per-head scores (extra.all_scores); "
+                                "only circuits written by `knowedit discover` at node level have them")
+        if not 0 < share <= 1:
+            raise KnoweditError(f"share: {share} must be in (0, 1]")
+        ordered = sorted(scores, key=lambda n: (-scores[n], C.parse(n).sort_key()))
+        return ordered[:max(1, round(share * len(scores)))]
+
     def mlps(self) -> list[str]:
         return [c.name for c in self.components() if c.kind == "mlp"]
 

@@ -17,6 +17,8 @@ def add_parser(sub):
     p.add_argument("--source-circuit", default=None, help="the source task's circuit JSON (default: its top heads "
                    "by attention + |DLA|)")
     p.add_argument("--target-circuit", default=None, help="the target task's circuit JSON (same default)")
+    p.add_argument("--top-share", type=float, default=None,
+                   help="take each circuit's top share of heads by |score| (e.g. 0.1) instead of its selected heads")
     p.add_argument("--preset", default=None, choices=["gpt2-medium"], help="the published head set for that model")
     p.add_argument("--data-dir", default=None, help="datasets root or file for the target task (default: generated)")
     p.add_argument("--method", default="greedy", choices=["greedy", "topk"], help="how the set is chosen")
@@ -56,7 +58,8 @@ def run(args):
     for role in ("source", "target"):
         path = getattr(args, f"{role}_circuit")
         if path:
-            circuits[f"{role}_heads"] = Circuit.load(path, handle)
+            c = Circuit.load(path, handle)
+            circuits[f"{role}_heads"] = c.top_heads(args.top_share) if args.top_share else c
     res = repair(handle, args.source, args.target, heads=heads, n=args.n, seed=args.seed, data_dir=args.data_dir,
                  method=args.method, k=args.k, persistent=args.persistent, apply=bool(save), progress=tqdm,
                  **circuits)
