@@ -7,7 +7,6 @@ gives the same prefixes), each followed by ". " and the prompt, plus the bare pr
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +15,8 @@ from ..errors import KnoweditError
 from ..models.handle import Batch
 from ..hooks.hookset import HookSet
 from .fields import field
-from .replay import block_index, replay_blocks
 from .request import EditRequest
+from .subject_aligned import SuffixRunner, align, unaligned
 
 _PREFIX_STARTS = ["The", "Therefore", "Because", "I", "You"]
 _prefix_cache: dict[tuple, list[str]] = {}
@@ -126,11 +125,13 @@ def read_at_subject(handle, rows: Rows, key_layers: list[int] = (), site=None) -
     return keys, got.get("v")
 
 
-def optimise_delta(handle, req: EditRequest, rows: Rows, site, hp: dict) -> tuple[torch.Tensor, dict]:
+def optimise_delta(handle, req: EditRequest, rows: Rows, site, hp: dict,
+                   v0: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """δ added to ``site``'s output at the subject's last token of every row, minimising the
     target NLL over the context rows + kl_factor · KL(original ‖ edited) on the KL rows (at their last
     token) + v_weight_decay · ‖δ‖²/‖v₀‖², with ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ (v₀: the site output on
-    the bare prompt). The loss is read at the output of layer ``v_loss_layer``."""
+    the bare prompt; pass it when already read). The loss is read at the output of layer
+    ``v_loss_layer``."""
     a = handle.adapter
     steps = field(hp, "v_num_grad_steps", int, lambda v: v >= 0)
     lr = field(hp, "v_lr", float, lambda v: v > 0)
@@ -141,40 +142,36 @@ def optimise_delta(handle, req: EditRequest, rows: Rows, site, hp: dict) -> tupl
                        f"the model has {a.n_layers} layers")
     loss_layer %= a.n_layers
     stop_nll = float(hp.get("v_stop_nll", 5e-2))
-    B, T = rows.input_ids.shape
-    idx = torch.arange(B, device=rows.input_ids.device)
+    B = rows.input_ids.shape[0]
+    dev = rows.input_ids.device
+    idx = torch.arange(B, device=dev)
     n_ctx = rows.n_context
-    # one-hot of the subject position, so δ enters the graph without in-place writes
-    onehot = torch.zeros(B, T, 1, device=rows.input_ids.device)
-    onehot[idx, rows.subject_pos] = 1.0
-    tr = torch.tensor([r for r, ps in enumerate(rows.target_pos) for _ in ps], device=onehot.device)
-    tp = torch.tensor([p for ps in rows.target_pos for p in ps], device=onehot.device)
-    tid = torch.tensor([t for ps in rows.target_pos for t in rows.target_ids[:len(ps)]], device=onehot.device)
-    kl_rows = torch.arange(n_ctx, B, device=onehot.device)
-    kl_last = rows.attention_mask[n_ctx:].sum(1) - 1
+    if hp.get("cache_before_subject", True):
+        al = align(rows.input_ids, rows.attention_mask, rows.subject_pos, handle.tokenizer.pad_token_id)
+    else:
+        al = unaligned(rows.input_ids, rows.attention_mask)
+    # one-hot of δ's column, so δ enters the graph without in-place writes
+    onehot = torch.zeros(B, al.input_ids.shape[1] - al.S, 1, device=dev)
+    onehot[idx, al.col(idx, rows.subject_pos)] = 1.0
+    tr = torch.tensor([r for r, ps in enumerate(rows.target_pos) for _ in ps], device=dev)
+    tp = al.col(tr, torch.tensor([p for ps in rows.target_pos for p in ps], device=dev))
+    tid = torch.tensor([t for ps in rows.target_pos for t in rows.target_ids[:len(ps)]], device=dev)
+    kl_rows = torch.arange(n_ctx, B, device=dev)
+    kl_last = al.col(kl_rows, rows.attention_mask[n_ctx:].sum(1) - 1)
 
-    _, v0_all = read_at_subject(handle, rows, site=site)
-    v0 = v0_all[0].float()
-    delta = torch.zeros(a.d_model, requires_grad=True, device=onehot.device)
+    if v0 is None:
+        _, v0_all = read_at_subject(handle, rows, site=site)
+        v0 = v0_all[0]
+    v0 = v0.float()
+    delta = torch.zeros(a.d_model, requires_grad=True, device=dev)
     state = {}
 
     def add_delta(m, args, o):
-        if not state.get("on"):
-            return None
         h = _out(o)
         return _with(o, h + onehot.to(h.dtype) * delta.to(h.dtype))
 
     def grab(m, args, o):
         state["h"] = _out(o)
-
-    live = block_index(a, site) if hp.get("replay_early_blocks", True) else 0
-    early: list = [None] * live
-
-    def record(i):
-        def fn(m, args, o):
-            if not state.get("on"):
-                early[i] = o
-        return fn
 
     def head(h):
         return a.unembed(a.ln_final(h)).float().log_softmax(-1)
@@ -182,31 +179,28 @@ def optimise_delta(handle, req: EditRequest, rows: Rows, site, hp: dict) -> tupl
     params = [p for p in handle.model.parameters()]
     was = [p.requires_grad for p in params]
     opt = torch.optim.Adam([delta], lr=lr)
-    info = {"steps": 0, "replayed_blocks": live}
+    info = {"steps": 0, "cached_columns": al.S, "step_columns": al.input_ids.shape[1] - al.S}
     try:
         for p in params:
             p.requires_grad_(False)
-        with HookSet() as hs, ExitStack() as stack:
+        run = SuffixRunner(handle.model, al)  # the cached columns, before δ's hook is in place
+        with HookSet() as hs:
             hs.post(site, add_delta)  # before grab: the site may be the loss layer itself
             hs.post(a.block(loss_layer), grab)
-            for i in range(live):
-                hs.post(a.block(i), record(i))
-            with torch.no_grad():
-                handle.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False,
-                             logits_to_keep=1)
-                ref = head(state["h"][kl_rows, kl_last]) if len(kl_rows) else None
-            state["on"] = True
-            stack.enter_context(replay_blocks(a, early))
+            use_kl = len(kl_rows) > 0 and kl_factor > 0
+            ref = None
             for step in range(steps + 1):
-                handle.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False,
-                             logits_to_keep=1)
-                h = state["h"]
-                nll = -head(h[tr, tp]).gather(1, tid[:, None]).sum() / n_ctx / len(rows.target_ids)
+                run()
+                # one unembedding for the target and KL rows: it streams the whole vocabulary matrix
+                lp = head(state["h"][torch.cat([tr, kl_rows]), torch.cat([tp, kl_last])] if use_kl
+                          else state["h"][tr, tp])
+                nll = -lp[:len(tr)].gather(1, tid[:, None]).sum() / n_ctx / len(rows.target_ids)
                 loss = nll
                 kl = torch.zeros(())
-                if ref is not None and kl_factor > 0:
-                    cur = head(h[kl_rows, kl_last])
-                    kl = torch.nn.functional.kl_div(cur, ref, log_target=True, reduction="batchmean")
+                if use_kl:
+                    if ref is None:  # step 0 runs with δ = 0: the unedited distribution
+                        ref = lp[len(tr):].detach()
+                    kl = torch.nn.functional.kl_div(lp[len(tr):], ref, log_target=True, reduction="batchmean")
                     loss = loss + kl_factor * kl
                 loss = loss + wd * delta.norm() ** 2 / v0.norm() ** 2
                 info.update(nll=float(nll.detach()), kl=float(kl.detach()), steps=step)

@@ -74,10 +74,10 @@ def compute_rome(handle, req, hp: dict, layer: int, neurons, C: torch.Tensor, op
     a = handle.adapter
     ctx = prefixes(handle, hp)
     rows = build_rows(handle, req, ctx, kl_prompts=opts["kl_prompts"])
-    keys, _ = read_at_subject(handle, rows, [layer])
+    keys, v0 = read_at_subject(handle, rows, [layer], site=a.mlp_out(layer))
     k = keys[layer][:rows.n_context]
     k_mean, k_plain = k.mean(0), k[0]
-    delta, info = optimise_delta(handle, req, rows, a.mlp_out(layer), hp)
+    delta, info = optimise_delta(handle, req, rows, a.mlp_out(layer), hp, v0=v0[0])
     k_den = k_plain if opts["original"] else k_mean
     dW, den = rank_one(C, k_mean, k_den, delta, neurons)
     info.update(den, layer=layer, n_contexts=rows.n_context, case=req.label)

@@ -5,6 +5,8 @@ from collections import defaultdict
 
 import torch
 
+from ..models.kv_cache import cache_kwargs, cache_of
+
 
 @torch.no_grad()
 def sample_ids(handle, starts: list[str], n_tokens: int, seed: int, batch_size: int = 50,
@@ -30,8 +32,8 @@ def sample_ids(handle, starts: list[str], n_tokens: int, seed: int, batch_size: 
         x = torch.tensor([ids[i] for i in chunk], device=dev)
         seq, past = x, None
         for _ in range(n_tokens):
-            o = handle.model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = o.past_key_values
+            o = handle.model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(handle.model, past))
+            past = cache_of(o)
             p = o.logits[:, -1].float().softmax(-1).cpu()
             x = torch.multinomial(p, 1, generator=gen).to(dev)
             seq = torch.cat([seq, x], 1)

@@ -12,6 +12,8 @@ from collections import Counter
 
 import torch
 
+from ..models.kv_cache import cache_kwargs, cache_of
+
 _WORD = re.compile(r"\w+|[^\w\s]")
 NS, WEIGHTS = (2, 3), (2 / 3, 4 / 3)
 
@@ -50,9 +52,9 @@ def generate(handle, prompts: list[str], max_new_tokens: int = 100, top_k: int =
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cur_ids, cur_pos = x, pos
     for _ in range(max_new_tokens):
-        res = handle.model(input_ids=cur_ids, attention_mask=mask, position_ids=cur_pos, past_key_values=past,
-                           use_cache=True)
-        past = res.past_key_values
+        res = handle.model(input_ids=cur_ids, attention_mask=mask, position_ids=cur_pos, use_cache=True,
+                           **cache_kwargs(handle.model, past))
+        past = cache_of(res)
         logits = res.logits[:, -1].float()
         top = logits.topk(top_k, dim=-1)
         probs = top.values.softmax(-1).cpu()

@@ -1,0 +1,20 @@
+"""The key/value-cache argument of a Hugging Face forward, under either of its names.
+
+transformers 5 renamed ``past_key_values`` to ``cache``; the old name still works but warns, and goes
+in 5.40. knowedit supports transformers >= 5.0, where only the old name exists.
+"""
+from __future__ import annotations
+
+import inspect
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` under the name ``model.forward`` takes."""
+    params = inspect.signature(model.forward).parameters
+    return {("cache" if "cache" in params else "past_key_values"): cache}
+
+
+def cache_of(output):
+    """The cache a forward returned."""
+    c = getattr(output, "cache", None)
+    return c if c is not None else output.past_key_values
