@@ -18,6 +18,10 @@ def top_heads(c: Circuit, share: float = 0.10) -> set[str]:
     return set(c.top_heads(share))
 
 
+def by_position(names) -> list[str]:
+    return sorted(names, key=lambda n: tuple(int(v) for v in n[1:].split(".h")))
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -43,15 +47,15 @@ def main(folder: Path):
             continue
         o = cs[a].overlap(cs[b])
         ta, tb = top_heads(cs[a]), top_heads(cs[b])
-        both = sorted(ta & tb, key=lambda n: tuple(int(v) for v in n[1:].split(".h")))
+        both = by_position(ta & tb)
         print(f"| {a} / {b} | {len(o['shared'])}: {', '.join(o['shared']) or '-'} | {o['jaccard']:.2f} | "
               f"{pct(o['share_of_a'])} / {pct(o['share_of_b'])} | {len(both)}: {', '.join(both)} | "
               f"{len(ta & tb) / max(1, len(ta | tb)):.2f} |")
     if all(s in cs for s in SEQ):
         common = set.intersection(*(top_heads(cs[s]) for s in SEQ))
         sel = set.intersection(*(set(cs[s].heads()) for s in SEQ))
-        print(f"\nHeads in all three sequence circuits: {', '.join(sorted(sel)) or 'none'}; "
-              f"in all three top-10% lists: {', '.join(sorted(common)) or 'none'}.")
+        print(f"\nHeads in all three sequence circuits: {', '.join(by_position(sel)) or 'none'}; "
+              f"in all three top-10% lists: {', '.join(by_position(common)) or 'none'}.")
 
 
 if __name__ == "__main__":

@@ -1,40 +1,48 @@
-"""Regenerate the circuit-reuse repair table (issue 5): Colored Objects repaired with heads shared
-with IOI on the default model, controls, and the persistent q/k repair.
+"""Regenerate the circuit-reuse repair table (README, "Circuit reuse"): Colored Objects on the default
+model repaired by steering heads in both shipped circuits (the top 10% of heads of the IOI and the
+Colored Objects circuit by |score|), the controls, and the persistent q/k repair.
 
-    PYTHONPATH=. python evals/repair.py [--n 24] [--seed 0] [--out evals/results/repair.md]
+    python evals/repair.py [--n 40] [--seed 0] [--out results/repair/table.txt]
 
-Uses the published Colored Objects prompts from the shared datasets when present."""
+It is `knowedit repair` with the shipped circuits; the command it runs is printed first."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import shlex
+import sys
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+ROOT = Path(__file__).resolve().parents[1]
+CIRCUITS = ROOT / "circuits" / "smollm2-135m"
 
 
 def main(argv=None):
-    from tqdm.auto import tqdm
-
-    from knowedit.models import load_model
-    from knowedit.reuse import repair
+    from knowedit.cli.main import main as cli
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=24)
+    p.add_argument("--n", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="topk", choices=["topk", "greedy"])
-    p.add_argument("--k", type=int, default=3)
-    p.add_argument("--out", default=None)
+    p.add_argument("--top-share", type=float, default=0.1)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--out", default=None, help="also write the table here")
     args = p.parse_args(argv)
-    handle = load_model()
-    res = repair(handle, n=args.n, seed=args.seed, data_dir=DATA if DATA.exists() else None, method=args.method,
-                 k=args.k, persistent=True,
-                 batch_size=args.n, progress=tqdm)
-    text = str(res)
-    print(text)
+    cmd = ["repair", "--source", "ioi", "--target", "colored-objects",
+           "--source-circuit", str((CIRCUITS / "ioi.json").relative_to(ROOT)),
+           "--target-circuit", str((CIRCUITS / "colored-objects.json").relative_to(ROOT)),
+           "--top-share", str(args.top_share), "--k", str(args.k), "--persistent",
+           "--n", str(args.n), "--seed", str(args.seed)]
+    print("knowedit " + shlex.join(cmd), flush=True)
+    buf = io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(buf):
+        code = cli(cmd)
+    sys.stdout.write(buf.getvalue())
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text("knowedit " + shlex.join(cmd) + "\n" + buf.getvalue())
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

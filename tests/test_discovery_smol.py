@@ -69,3 +69,20 @@ def test_cli_discover_writes_a_loadable_circuit(smol, tmp_path, capsys):
     assert d["method"]["name"] == "eap" and d["task"]["name"] == "ioi" and d["extra"]["n_heads"] == 6
     assert "faithfulness" in capsys.readouterr().out
     assert main(["discover", "--task", "nope", "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_every_shipped_circuit_loads_on_the_default_model_and_meets_its_target(smol):
+    from knowedit.tasks import get_task
+    files = sorted(SHIPPED.parent.glob("*.json"))
+    names = {p.stem for p in files}
+    assert {"ioi", "colored-objects", "seq-numerals", "seq-numwords", "seq-months", "facts"} <= names
+    for p in files:
+        c = Circuit.load(p, smol)  # refuses a circuit of another model
+        if c.faithfulness is None:  # hand-made editing masks
+            continue
+        assert c.faithfulness >= c.method["target_faithfulness"], p.name
+        assert c.extra["n_heads"] == len(c.heads()), p.name
+    # the cheapest one is re-measured: same task, same prompts, same faithfulness
+    facts = Circuit.load(SHIPPED.parent / "facts.json", smol)
+    task = get_task("facts", smol.tokenizer, n=facts.task["n"], seed=facts.task["seed"])
+    assert circuit_faithfulness(smol, facts, task) == pytest.approx(facts.faithfulness, abs=1e-4)
