@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from knowedit.circuit import Circuit
+from knowedit.models.components import parse
 
 ROOT = Path(__file__).resolve().parent
 SEQ = ("seq-numerals", "seq-numwords", "seq-months")
@@ -19,7 +20,7 @@ def top_heads(c: Circuit, share: float = 0.10) -> set[str]:
 
 
 def by_position(names) -> list[str]:
-    return sorted(names, key=lambda n: tuple(int(v) for v in n[1:].split(".h")))
+    return sorted(names, key=lambda n: parse(n).sort_key())
 
 
 def pct(x: float) -> str:
