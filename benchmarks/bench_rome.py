@@ -112,6 +112,7 @@ def main():
     ap.add_argument("--memit", type=int, default=0)
     ap.add_argument("--sweep", default="")
     ap.add_argument("--memit-lambdas", default="15000", help="mom2_update_weight values to try on one set of targets")
+    ap.add_argument("--memit-targets", default="", help="a file that keeps the MEMIT targets z between runs")
     ap.add_argument("--repeats", type=int, default=int(os.environ.get("REPEATS", 3)))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -147,7 +148,13 @@ def main():
         hpm = hparams("memit")
         reqs = read_requests(batch)
         t = time.perf_counter()
-        targets = memit_targets(h, reqs, hpm)  # computed once; λ only enters the solve
+        keep = Path(args.memit_targets) if args.memit_targets else None
+        if keep is not None and keep.exists():
+            targets = torch.load(keep, weights_only=False)
+        else:
+            targets = memit_targets(h, reqs, hpm)  # computed once; λ only enters the solve
+            if keep is not None:
+                torch.save(targets, keep)
         dt = time.perf_counter() - t
         print(f"MEMIT batch of {len(batch)} at layers {hpm['layers']}: targets z in {dt:.0f} s")
         print("| mom2_update_weight λ | efficacy | paraphrase | neighbourhood | solve s |")

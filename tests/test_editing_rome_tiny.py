@@ -81,7 +81,7 @@ def test_refused_and_failing_edits_leave_the_model_unchanged(tiny, monkeypatch):
         apply_rome(tiny, REQS, dict(FAST, layers=[1], max_update_ratio=1e-9))
     assert hashes(tiny) == before
     with pytest.raises(EditRefused, match="denominator"):
-        apply_rome(tiny, REQS, dict(FAST, layers=[1], original_key_in_denominator=True, min_denominator_ratio=1e9))
+        apply_rome(tiny, REQS, dict(FAST, layers=[1], rome_variant="rome", min_denominator_ratio=1e9))
     assert hashes(tiny) == before
     # a failure after the first of two sequential edits was computed and applied internally
     import knowedit.editing.rome as rome
@@ -152,7 +152,8 @@ def test_caching_the_tokens_before_the_subject_gives_the_same_delta(tiny):
     from knowedit.editing.keys_values import build_rows, optimise_delta, prefixes
     # layer 1 of 3: δ at the subject must still reach the target positions through a later layer;
     # the prefixes put the subjects in different columns, so the rows really are re-aligned
-    hp = {**FAST, "layers": [1], "v_num_grad_steps": 4, "v_lr": 0.5, "v_weight_decay": 0.5,
+    from knowedit.editing.rome import ROME_DEFAULTS
+    hp = {**ROME_DEFAULTS, **FAST, "layers": [1], "v_num_grad_steps": 4, "v_lr": 0.5, "v_weight_decay": 0.5,
           "clamp_norm_factor": 4.0, "kl_factor": 0.0625, "v_loss_layer": -1, "kl_prompts": ["{} is a"]}
     rows = build_rows(tiny, REQS[1], prefixes(tiny, hp), kl_prompts=hp["kl_prompts"])
     assert len(set(rows.subject_pos.tolist())) > 1

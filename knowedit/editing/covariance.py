@@ -2,9 +2,12 @@
 
 Sources (hparams ``mom2_dataset``):
 
-* ``"model_samples"`` (the offline default): ``mom2_n_samples`` texts sampled from the model itself,
-  seeded by ``mom2_seed``, each ``mom2_sample_tokens`` tokens after a one-word start. The source is
-  recorded with the statistics.
+* ``"model_samples"`` (the offline default): ``mom2_n_samples`` texts sampled from the model itself
+  (temperature 1, KV-cached, ``mom2_sample_batch`` texts at a time), seeded by ``mom2_seed``, each
+  ``mom2_sample_tokens`` tokens after a one-word start: 1000 x 128, about 125,000 tokens, by default.
+  A 1,536-wide key needs far more tokens than dimensions for E[k kᵀ] to be full rank and its inverse
+  meaningful. The sampled token ids are cached too, so other layers need no new sampling. The source
+  is recorded with the statistics.
 * a path to a text file (``.txt``: paragraphs separated by blank lines; ``.jsonl``/``.json``: records
   with a ``"text"`` field): the first ``mom2_n_samples`` texts, each cut to ``mom2_sample_tokens``.
 * any other name: a Hugging Face dataset (needs the ``datasets`` package and a reachable hub).
@@ -35,6 +38,12 @@ _STARTS = ["The", "In", "A", "It", "This", "When", "I", "We", "There", "After", 
            "On", "As"]
 
 
+# The covariance fields every locate-then-edit editor accepts, with their defaults.
+SETTINGS_DEFAULTS = {"mom2_adjustment": True, "mom2_dataset": MODEL_SAMPLES, "mom2_n_samples": 1000,
+                     "mom2_sample_tokens": 128, "mom2_seed": 0, "mom2_dtype": "float32", "mom2_batch_size": 32,
+                     "mom2_sample_batch": 250}
+
+
 @dataclass
 class KeyStats:
     mom2: torch.Tensor        # [d_mlp, d_mlp], float64
@@ -56,8 +65,7 @@ class KeyStats:
 
 def settings(hp: dict) -> dict:
     """The covariance fields of ``hp``, validated (missing optional ones take their defaults)."""
-    hp = {"mom2_adjustment": True, "mom2_dataset": MODEL_SAMPLES, "mom2_n_samples": 100,
-          "mom2_sample_tokens": 40, "mom2_seed": 0, "mom2_dtype": "float32", "mom2_batch_size": 32, **hp}
+    hp = {**SETTINGS_DEFAULTS, **hp}
     s = {
         "dataset": field(hp, "mom2_dataset", str, lambda v: bool(v.strip())),
         "n_samples": field(hp, "mom2_n_samples", int, lambda v: v > 0, "must be positive"),
@@ -65,6 +73,7 @@ def settings(hp: dict) -> dict:
         "seed": field(hp, "mom2_seed", int),
         "dtype": field(hp, "mom2_dtype", str, lambda v: v in ("float32", "float64", "float16", "bfloat16")),
         "batch_size": field(hp, "mom2_batch_size", int, lambda v: v > 0),
+        "sample_batch": field(hp, "mom2_sample_batch", int, lambda v: v > 0),
     }
     if not field(hp, "mom2_adjustment", bool):
         s["dataset"] = IDENTITY
@@ -118,16 +127,58 @@ def corpus_ids(handle, s: dict) -> list[list[int]]:
     from .sampling import sample_ids
     d, n, T = s["dataset"], s["n_samples"], s["sample_tokens"]
     if d == MODEL_SAMPLES:
+        path = _root(handle, s) / f"corpus_n{n}.pt"
+        if path.exists():
+            return torch.load(path, weights_only=True)["ids"]
+        shipped = shipped_corpus(handle, s)
+        if shipped is not None and shipped.exists():
+            return read_ids(shipped)
         starts = [_STARTS[i % len(_STARTS)] for i in range(n)]
-        return sample_ids(handle, starts, T - 1, seed=s["seed"], desc="sampling covariance corpus")
+        ids = sample_ids(handle, starts, T, seed=s["seed"], batch_size=s["sample_batch"], total=True,
+                         desc=f"sampling {n} x {T} tokens for covariance statistics (once per model)")
+        buf = io.BytesIO()
+        torch.save({"ids": ids}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+        return ids
     p = Path(d).expanduser()
     texts = _file_texts(p, n) if p.is_file() else _hf_texts(d, n)
     ids = [handle.tokenizer(t, add_special_tokens=False)["input_ids"][:T] for t in texts]
     return [t for t in ids if len(t) > 0]
 
 
+def shipped_corpus(handle, s: dict) -> Path | None:
+    """Where the repository keeps a model's sampled corpus (``data/covariance/``), so that a fresh
+    install of the default model needs no sampling; None when knowedit is installed without it."""
+    import knowedit
+    d = Path(knowedit.__file__).resolve().parents[1] / "data" / "covariance"
+    if not d.parent.is_dir():
+        return None
+    return d / f"{handle.fingerprint}-{_corpus_key(s)}-n{s['n_samples']}.npz"
+
+
+def write_ids(path: Path, ids: list[list[int]]) -> None:
+    import numpy as np
+    flat = np.array([t for row in ids for t in row], dtype=np.uint32)
+    dtype = np.uint16 if flat.size == 0 or flat.max() < 2 ** 16 else np.uint32
+    buf = io.BytesIO()
+    np.savez_compressed(buf, tokens=flat.astype(dtype), lengths=np.array([len(r) for r in ids], dtype=np.int32))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_ids(path: Path) -> list[list[int]]:
+    import numpy as np
+    with np.load(path) as z:
+        flat, lengths = z["tokens"].astype(np.int64), z["lengths"]
+    ends = np.cumsum(lengths)
+    return [flat[e - n:e].tolist() for e, n in zip(ends, lengths)]
+
+
+def _root(handle, s: dict) -> Path:
+    return cache_root() / "stats" / handle.fingerprint / _corpus_key(s)
+
+
 def _path(handle, s: dict, layer: int) -> Path:
-    return cache_root() / "stats" / handle.fingerprint / _corpus_key(s) / f"layer{layer}_n{s['n_samples']}.pt"
+    return _root(handle, s) / f"layer{layer}_n{s['n_samples']}.pt"
 
 
 @torch.no_grad()

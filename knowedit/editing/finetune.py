@@ -41,7 +41,8 @@ _COMMON = {
     "batch_size": 1, "max_length": 40, "rewrite_module_tmp": None, "early_stop_loss": 1e-2,
     "restrict_to_layers": False,
 }
-FT_L_DEFAULTS = {**_COMMON, "objective_optimization": "prompt_last", "norm_constraint": 5e-3, "lr": 2e-3}
+# FT-L is the constrained method: the reference's learning rate and L∞ bound (ROME's FT-L baseline)
+FT_L_DEFAULTS = {**_COMMON, "objective_optimization": "prompt_last", "norm_constraint": 5e-4, "lr": 5e-4}
 FT_M_DEFAULTS = {**_COMMON, "objective_optimization": "target_new", "lr": 2e-3}
 
 

@@ -29,6 +29,9 @@ EASYEDIT_LOCATE_ED = {"rome": {"rewrite_module_tmp", "mom2_dtype", "context_temp
                                "fact_token", "v_loss_layer", "layer_selection", "mom2_dataset"}}
 EASYEDIT_LOCATE_ED["memit"] = EASYEDIT_LOCATE_ED["rome"]
 
+# EasyEdit's R-ROME switches, read as knowedit's rome_variant
+_EASYEDIT_R_ROME = ("original_implementation", "enable_random_prefix_keys", "enable_prompt_keys")
+
 DEFAULT_MODEL_KEY = "smollm2-135m"
 _TYPE_OF_NONE = {"norm_constraint": 0.0, "layers": []}  # fields whose default is "off" but whose values are numbers
 
@@ -149,12 +152,21 @@ def _merge(hp: dict, defaults: dict, data: dict, method: str, source: str, notes
             if str(value).upper() not in _ALG_NAMES[method]:
                 raise KnoweditError(f"hparams {source}: alg_name {value!r} is not the {method} editor; "
                                     f"pass a {method} hparams file or choose the editor that matches it")
+        elif method == "rome" and field in _EASYEDIT_R_ROME:
+            if field == "enable_prompt_keys" and value is True:
+                raise KnoweditError(f"hparams {source}: enable_prompt_keys (keys from the bare prompt only) is not "
+                                    "offered; use rome_variant: rome, r-rome or hybrid")
         elif field in EASYEDIT_IGNORED or field in EASYEDIT_LOCATE_ED.get(method, ()):
             notes.append(f"{source}: ignored EasyEdit field {field!r} (no meaning in knowedit)")
         else:
             near = difflib.get_close_matches(field, sorted(known), n=1, cutoff=0.6)
             hint = f"; did you mean {near[0]!r}?" if near else f"; known fields: {', '.join(sorted(known))}"
             raise KnoweditError(f"hparams {source}: unknown field {field!r} for {method}{hint}")
+    if method == "rome" and any(f in data for f in _EASYEDIT_R_ROME[:2]):
+        # EasyEdit: original_implementation overrides the prefix-key switch
+        hp["rome_variant"] = ("rome" if data.get("original_implementation") is True else
+                              "r-rome" if data.get("enable_random_prefix_keys", True) is True else "rome")
+        notes.append(f"{source}: EasyEdit R-ROME switches read as rome_variant {hp['rome_variant']!r}")
 
 
 def load_hparams(method: str, handle_or_model_name=None, path_or_dict=None) -> dict:

@@ -1,10 +1,11 @@
 """MEMIT (Meng et al. 2023): many facts at once, spread over several MLP layers.
 
-For each request, z = h̄ᴸ + δ, where hᴸ is the residual stream after the last edit layer L at the
-subject's last token (averaged over prefix contexts, as the keys are) and δ is optimised as in ROME
-but added to that residual. Then, for each edit layer l in increasing order, on the model with the
-lower layers already updated: K = the prefix-averaged keys at l (one column per request),
-R = (z − h̄ᴸ_current) / (number of edit layers from l to L), and
+For each request, z = hᴸ + δ, where hᴸ is the residual stream after the last edit layer L at the
+subject's last token of the bare prompt and δ is optimised as in ROME but added to that residual (on
+every context row). Then, for each edit layer l in increasing order, on the model with the lower
+layers already updated: K = the keys at l averaged within each context type and then across types
+(the bare prompt weighs one half with one prefix length), one column per request;
+R = (z − hᴸ_current on the bare prompt) / (number of edit layers from l to L), and
 ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹, solved in float64, with λ = mom2_update_weight.
 """
 from __future__ import annotations
@@ -12,28 +13,41 @@ from __future__ import annotations
 import torch
 
 from ..errors import KnoweditError
-from .covariance import key_stats
+from .covariance import SETTINGS_DEFAULTS, key_stats
 from .edit import Edit
 from .fields import below_loss_layer, field, layer_list
-from .keys_values import build_rows, optimise_delta, prefixes, read_at_subject
+from .keys_values import Rows, build_rows, context_weights, optimise_delta, prefix_groups, prefixes, read_at_subject
 from .restrict import edit_sites, new_weight, solve_in
+
+_READ_CHUNK = 32   # requests per forward when reading keys and residuals
+
+
+def stack_contexts(rows: list[Rows], pad_id: int) -> Rows:
+    """The context rows (not the KL rows) of several requests as one right-padded batch, request by
+    request."""
+    W = max(int(r.attention_mask[:r.n_context].sum(1).max()) for r in rows)
+    pad = lambda t, v: torch.nn.functional.pad(t[:, :W], (0, max(W - t.shape[1], 0)), value=v)  # noqa: E731
+    ids = torch.cat([pad(r.input_ids[:r.n_context], pad_id) for r in rows])
+    mask = torch.cat([pad(r.attention_mask[:r.n_context], 0) for r in rows])
+    subj = torch.cat([r.subject_pos[:r.n_context] for r in rows])
+    return Rows(ids, mask, subj, len(ids), [], [])
+
 
 MEMIT_DEFAULTS: dict = {
     "layers": [3, 4, 5, 6, 7],
     "fact_token": "subject_last",
     "v_num_grad_steps": 20,
     "v_lr": 0.5,
+    "v_stop_loss": 5e-2,
+    "cache_before_subject": True,
     "v_loss_layer": -1,
     "v_weight_decay": 0.5,
     "clamp_norm_factor": 0.75,
     "kl_factor": 0.0625,
     "mom2_adjustment": True,
     "mom2_update_weight": 15000.0,
-    "mom2_dataset": "model_samples",
-    "mom2_n_samples": 100,
-    "mom2_sample_tokens": 40,
-    "mom2_dtype": "float32",
-    "context_template_length_params": [[5, 4]],
+    **SETTINGS_DEFAULTS,
+    "context_template_length_params": [[10, 5]],
     "kl_prompts": ["{} is a"],
     "seed": 0,
 }
@@ -76,6 +90,7 @@ def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "r
     top = max(layers)  # z lives after the last *configured* layer, whatever the mask keeps
     stats = key_stats(handle, [l for l, _ in sites], hp)
     ctx = prefixes(handle, hp)
+    weights = context_weights(prefix_groups(handle, hp), per_type=True)
     rows = [build_rows(handle, r, ctx, kl_prompts=kl_prompts) for r in requests]
 
     if targets is None:
@@ -87,13 +102,17 @@ def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "r
                             f"requests and top layer {top}; recompute them with memit_targets")
 
     def averaged(layer):
-        """Prefix-averaged keys at ``layer`` and residual after ``top``, per request."""
+        """Context-averaged keys at ``layer`` and the bare prompt's residual after ``top``, per request:
+        the context rows of several requests run in one forward."""
         ks, hs = [], []
-        for rw in rows:
-            k, h = read_at_subject(handle, rw, [layer], site=a.block(top))
-            ks.append(k[layer][:rw.n_context].mean(0))
-            hs.append(h[:rw.n_context].mean(0))
-        return torch.stack(ks), torch.stack(hs)
+        for i in range(0, len(rows), _READ_CHUNK):
+            chunk = rows[i:i + _READ_CHUNK]
+            k, h = read_at_subject(handle, stack_contexts(chunk, handle.tokenizer.pad_token_id), [layer],
+                                   site=a.block(top))
+            n = chunk[0].n_context
+            ks.append(torch.einsum("c,rcd->rd", weights.to(k[layer]), k[layer].view(len(chunk), n, -1)))
+            hs.append(h.view(len(chunk), n, -1)[:, 0])
+        return torch.cat(ks), torch.cat(hs)
 
     params = dict(handle.model.named_parameters())
     names = [a.name_of(a.mlp_out(l).weight) for l, _ in sites]

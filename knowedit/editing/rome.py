@@ -1,12 +1,15 @@
 """ROME (Meng et al. 2022): a rank-one update of one MLP down projection.
 
-k̄ = the down-projection input at the subject's last token, averaged over prefix contexts; δ = the
-change of the MLP output there that makes the model say the new target (keys_values.optimise_delta);
-u = C⁻¹ k̄; ΔW = δ uᵀ / (uᵀ k_d), so that ΔW k_d = δ.
+k̄ = the down-projection input at the subject's last token, averaged over the prefix contexts (the
+bare prompt among them); k = the same on the bare prompt alone; v* = v + δ, where v is the MLP output
+on the bare prompt and δ the change that makes the model say the new target
+(keys_values.optimise_delta); u = C⁻¹ k̄. ``rome_variant`` chooses the key the update maps to v*:
 
-* default (the r-ROME fix, Gupta et al. 2024): k_d = k̄, the same key as in u;
-* ``original_key_in_denominator: true``: k_d = the key of the bare prompt, as the original code did.
-  When uᵀk_d is small the update explodes and disables the model; such edits are refused.
+* ``rome`` (Meng et al. 2022): ΔW = δ uᵀ / (uᵀ k), so W' k = v*. When uᵀk is small compared with uᵀk̄
+  the update explodes and disables the model (Gupta et al. 2024); such edits are refused.
+* ``r-rome`` (Gupta et al. 2024, "Rebuilding ROME"): ΔW = (v* − W k̄) uᵀ / (uᵀ k̄), so W' k̄ = v*.
+* ``hybrid`` (knowedit before version 0.2): ΔW = δ uᵀ / (uᵀ k̄), so W' k̄ = W k̄ + δ: r-ROME's
+  denominator with ROME's numerator.
 
 Several requests are applied one after another, each computed on the model with the previous ones
 applied, and returned as one Edit.
@@ -16,38 +19,39 @@ from __future__ import annotations
 import torch
 
 from ..errors import KnoweditError
-from .covariance import key_stats
+from .covariance import SETTINGS_DEFAULTS, key_stats
 from .edit import Edit
 from .errors import EditRefused
 from .fields import below_loss_layer, field, layer_list
 from .keys_values import build_rows, optimise_delta, prefixes, read_at_subject
 from .restrict import edit_sites, new_weight, solve_in
 
+VARIANTS = ("rome", "r-rome", "hybrid")
+
 ROME_DEFAULTS: dict = {
     "layers": [5],
     "fact_token": "subject_last",
     "v_num_grad_steps": 20,
     "v_lr": 0.5,
+    "v_stop_loss": 5e-2,
+    "cache_before_subject": True,
     "v_loss_layer": -1,          # -1 = the last layer
     "v_weight_decay": 0.5,
     "clamp_norm_factor": 4.0,
     "kl_factor": 0.0625,
     "mom2_adjustment": True,
-    "mom2_dataset": "model_samples",
-    "mom2_n_samples": 100,
-    "mom2_sample_tokens": 40,
-    "mom2_dtype": "float32",
+    **SETTINGS_DEFAULTS,
     "mom2_ridge": 1e-3,           # C + ridge·mean(diag C)·I; 0 = the papers' plain C
-    "context_template_length_params": [[5, 4], [10, 4]],
+    "context_template_length_params": [[5, 10], [10, 10]],
     "kl_prompts": ["{} is a"],
-    "original_key_in_denominator": False,
+    "rome_variant": "r-rome",
     "min_denominator_ratio": 0.1,   # refuse when uᵀk_d < this · uᵀk̄
     "max_update_ratio": 1.0,        # refuse when ‖ΔW‖_F > this · ‖W‖_F
     "seed": 0,
 }
 
 
-def _check(hp: dict, n_layers: int) -> dict:
+def check_hparams(hp: dict, n_layers: int) -> dict:
     if hp.get("fact_token", "subject_last") != "subject_last":
         raise KnoweditError(f"hparams: field 'fact_token' = {hp['fact_token']!r}; only 'subject_last' is supported")
     kl = field(hp, "kl_prompts", list)
@@ -55,52 +59,74 @@ def _check(hp: dict, n_layers: int) -> dict:
         if not isinstance(p, str) or p.count("{}") != 1:
             raise KnoweditError(f"hparams: field 'kl_prompts' holds {p!r}; each needs exactly one '{{}}'")
     return {"layers": layer_list(hp, n_layers), "kl_prompts": kl,
-            "original": field(hp, "original_key_in_denominator", bool),
+            "variant": field(hp, "rome_variant", str, lambda v: v in VARIANTS, f"choose one of {', '.join(VARIANTS)}"),
             "min_den": field(hp, "min_denominator_ratio", float, lambda v: v >= 0),
             "max_update": field(hp, "max_update_ratio", float, lambda v: v > 0),
             "ridge": field(hp, "mom2_ridge", float, lambda v: v >= 0)}
 
 
-def rank_one(C: torch.Tensor, k_mean: torch.Tensor, k_den: torch.Tensor, delta: torch.Tensor,
+def rank_one(C: torch.Tensor, k_mean: torch.Tensor, k_den: torch.Tensor, residual: torch.Tensor,
              neurons: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-    """ΔW ``[d_model, d_mlp]`` (float64) and the denominators, restricted to ``neurons``."""
+    """ΔW ``[d_model, d_mlp]`` (float64) with ΔW k_den = residual, along u = C⁻¹ k̄ restricted to
+    ``neurons``, and the denominators."""
     u = solve_in(C, k_mean, neurons)
     den, den_ref = float(u @ k_den), float(u @ k_mean)
-    return torch.outer(delta, u) / den, {"denominator": den, "denominator_mean_key": den_ref}
+    return torch.outer(residual, u) / den, {"denominator": den, "denominator_mean_key": den_ref}
 
 
-def compute_rome(handle, req, hp: dict, layer: int, neurons, C: torch.Tensor, opts: dict) -> tuple[str, torch.Tensor, dict]:
-    """New down-projection weight for one request (the model is read, not changed)."""
+def variant_target(variant: str, W: torch.Tensor, k_mean: torch.Tensor, k_plain: torch.Tensor,
+                   delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the key the update is solved at, the change ΔW must make at that key), W as ``[out, in]``."""
+    if variant == "rome":
+        return k_plain, delta
+    if variant == "r-rome":   # v* − W k̄ = (W k + δ) − W k̄ (a bias cancels)
+        return k_mean, delta + W @ (k_plain - k_mean)
+    return k_mean, delta
+
+
+def key_and_delta(handle, req, hp: dict, layer: int, opts: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """(k̄, k of the bare prompt, δ, info) for one request: everything of ROME that does not depend on
+    the covariance or the variant (the model is read, not changed)."""
     a = handle.adapter
-    ctx = prefixes(handle, hp)
-    rows = build_rows(handle, req, ctx, kl_prompts=opts["kl_prompts"])
+    rows = build_rows(handle, req, prefixes(handle, hp), kl_prompts=opts["kl_prompts"])
     keys, v0 = read_at_subject(handle, rows, [layer], site=a.mlp_out(layer))
     k = keys[layer][:rows.n_context]
-    k_mean, k_plain = k.mean(0), k[0]
     delta, info = optimise_delta(handle, req, rows, a.mlp_out(layer), hp, v0=v0[0])
-    k_den = k_plain if opts["original"] else k_mean
-    dW, den = rank_one(C, k_mean, k_den, delta, neurons)
-    info.update(den, layer=layer, n_contexts=rows.n_context, case=req.label)
-    w = a.mlp_out(layer).weight.detach().double()
+    info.update(layer=layer, n_contexts=rows.n_context, case=req.label)
+    return k.mean(0), k[0], delta, info
+
+
+def rome_update(handle, req, layer: int, neurons, C: torch.Tensor, opts: dict, k_mean, k_plain, delta,
+                info: dict) -> tuple[str, torch.Tensor]:
+    """The checked rank-one update of ``opts["variant"]``: the parameter name and its new value."""
+    w = handle.adapter.weight_in_out(handle.adapter.mlp_out(layer)).detach().double().T   # [out, in]
+    k_den, residual = variant_target(opts["variant"], w, k_mean, k_plain, delta)
+    dW, den = rank_one(C, k_mean, k_den, residual, neurons)
     ratio = float(dW.norm() / w.norm())
-    info["update_ratio"] = ratio
+    info.update(den, variant=opts["variant"], update_ratio=ratio)
     if den["denominator_mean_key"] <= 0 or den["denominator"] < opts["min_den"] * den["denominator_mean_key"]:
         raise EditRefused(f"{req.label}: ROME denominator uᵀk = {den['denominator']:.3g} is too small compared with "
                           f"uᵀk̄ = {den['denominator_mean_key']:.3g} (min_denominator_ratio {opts['min_den']}); the "
-                          "update would disable the model. Use the default r-ROME key (original_key_in_denominator: "
-                          "false) or another layer")
+                          "update would disable the model. Use rome_variant 'r-rome' (the prefix-averaged key) "
+                          "or another layer")
     if not torch.isfinite(dW).all() or ratio > opts["max_update"]:
         raise EditRefused(f"{req.label}: ROME update norm ‖ΔW‖/‖W‖ = {ratio:.3g} exceeds max_update_ratio "
                           f"{opts['max_update']}; the edit would disable the model (try another layer, or more "
                           "covariance samples)")
-    name, new = new_weight(handle, layer, dW, neurons)
+    return new_weight(handle, layer, dW, neurons)
+
+
+def compute_rome(handle, req, hp: dict, layer: int, neurons, C: torch.Tensor, opts: dict) -> tuple[str, torch.Tensor, dict]:
+    """New down-projection weight for one request (the model is read, not changed)."""
+    k_mean, k_plain, delta, info = key_and_delta(handle, req, hp, layer, opts)
+    name, new = rome_update(handle, req, layer, neurons, C, opts, k_mean, k_plain, delta, info)
     return name, new, info
 
 
 def apply_rome(handle, requests: list, hparams: dict, mask=None, mode: str = "restrict") -> Edit:
     """Apply ROME for each request in turn; returns the applied Edit (nothing changes on failure)."""
     hp = {**ROME_DEFAULTS, **(hparams or {})}
-    opts = _check(hp, handle.adapter.n_layers)
+    opts = check_hparams(hp, handle.adapter.n_layers)
     if len(opts["layers"]) != 1:
         raise KnoweditError(f"hparams: field 'layers' = {opts['layers']}; ROME edits exactly one layer "
                             "(use MEMIT for several)")
@@ -124,5 +150,5 @@ def apply_rome(handle, requests: list, hparams: dict, mask=None, mode: str = "re
         with torch.no_grad():
             params[name].copy_(original)
     meta = {"layer": layer, "neurons": None if neurons is None else len(neurons), "covariance": stats.source,
-            "covariance_tokens": stats.n_tokens, "r_rome": not opts["original"], "requests": infos, "mode": mode}
+            "covariance_tokens": stats.n_tokens, "variant": opts["variant"], "requests": infos, "mode": mode}
     return Edit(handle, {name: final}, "rome", meta).apply()
