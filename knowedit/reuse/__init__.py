@@ -6,7 +6,9 @@ from .presets import GPT2_MEDIUM, PRESETS, RepairPreset
 from .repair import RepairResult, repair
 from .roles import head_profiles
 from .steering import choose_heads, rank_heads, steered_scores
+from .transfer import held_out_sets, transfer_repair
 
 __all__ = ["head_names", "important_heads", "shared_heads", "correct_answer_steering", "random_same_layers",
            "source_steering", "distil_steering", "GPT2_MEDIUM", "PRESETS", "RepairPreset", "RepairResult",
-           "repair", "head_profiles", "choose_heads", "rank_heads", "steered_scores"]
+           "repair", "head_profiles", "choose_heads", "rank_heads", "steered_scores", "held_out_sets",
+           "transfer_repair"]

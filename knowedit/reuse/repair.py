@@ -3,7 +3,6 @@ roles, rank them by the repair each gives alone when steered to the target's dis
 set, run the controls, and optionally distil the steering into the heads' q/k weights."""
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -12,9 +11,10 @@ from ..errors import KnoweditError
 from ..tasks import get_task
 from .candidates import head_names, important_heads, overlap, shared_heads
 from .controls import correct_answer_steering, random_same_layers, source_steering
-from .persistent import DEFAULTS, collateral, distil_steering, known_facts
+from .persistent import WEIGHTS, known_facts
 from .roles import head_profiles
 from .steering import choose_heads, rank_heads, steered_scores
+from .transfer import transfer_repair
 
 # Without circuits: each task's top heads by the one-pass importance score, and this many of them.
 FALLBACK_K = 20
@@ -34,36 +34,42 @@ class RepairResult:
     meta: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"repair {self.target} with heads shared with {self.source}",
-                 f"overlap: {self.overlap}", "", "source-task roles of the candidates:",
-                 self.roles.to_string(index=False, float_format="%.3f"), "", "each head steered alone:",
-                 self.ranking.to_string(index=False, float_format="%.3f"), "",
-                 self.table.to_string(index=False, float_format="%.3f")]
+        lines = [f"repair {self.target} with heads shared with {self.source}"]
+        if len(self.table):
+            lines += [f"overlap: {self.overlap}", "", "source-task roles of the candidates:",
+                      self.roles.to_string(index=False, float_format="%.3f"), "", "each head steered alone:",
+                      self.ranking.to_string(index=False, float_format="%.3f"), "",
+                      self.table.to_string(index=False, float_format="%.3f")]
+        else:
+            lines.append(f"heads {', '.join(self.chosen)} (given; ranking and controls skipped)")
         if self.persistent:
             p = self.persistent
-            lines += ["", "persistent repair (q/k of the chosen heads):"]
+            info = p["info"]
+            lines += ["", f"persistent repair (q/k of the chosen heads), trained on {info['n_train']} varied-wording "
+                      f"prompts over their own colours and objects; scored on held-out prompts (top-1 accuracy):",
+                      p["table"].to_string(index=False, float_format="%.3f"),
+                      f"  training prompts: unsteered {p['train_unsteered']:.3f}, steered {p['train_steered']:.3f}, "
+                      f"repaired {p['train_repaired']:.3f}"]
             for k in p["before"]:
                 lines.append(f"  {k:7s} {p['before'][k]:.3f} -> {p['after'][k]:.3f}  (n={p['n'][k]})")
-            lines.append(f"  weight change norm {p['weight_change_norm']:.4f}; steered held-out {p['steered_held_out']:.3f}")
+            lines.append(f"  weight change norm {p['weight_change_norm']:.4f}; objective "
+                         + ", ".join(f"{w}={info[w]}" for w in WEIGHTS) + f"; {info['steps']} passes, lr {info['lr']}")
         return "\n".join(lines)
-
-
-def _split(n: int, seed: int, frac: float = 0.5):
-    idx = list(range(n))
-    random.Random(seed).shuffle(idx)
-    k = max(1, int(round(frac * n)))
-    return sorted(idx[:k]), sorted(idx[k:])
 
 
 def repair(handle, source: str = "ioi", target: str = "colored-objects", heads=None, n: int = 40, seed: int = 0,
            data_dir=None, source_heads=None, target_heads=None, candidates=None, method: str = "greedy",
            k: int = 4, persistent: bool = False, apply: bool = False, facts_n: int = 40,
-           persistent_kwargs: dict | None = None, batch_size: int = 16, progress=None) -> RepairResult:
+           persistent_kwargs: dict | None = None, train_n: int = 200, eval_n: int = 50, held_out_data=None,
+           persistent_only: bool = False, batch_size: int = 16, progress=None) -> RepairResult:
     """Run the repair. ``heads`` fixes the steered set (skips ranking's choice); ``source_heads`` /
     ``target_heads`` are the tasks' circuits (Circuit objects or head lists); without them each task's
     top ``FALLBACK_K`` heads by :func:`important_heads` stand in. ``candidates`` overrides the set ranked.
-    ``persistent`` distils the chosen set's steering into q/k weights on half of the target prompts and
-    reports the other half; ``apply`` leaves that edit applied."""
+    ``persistent`` distils the chosen set's steering into q/k weights on ``train_n`` varied-wording
+    prompts over training-only colours and objects, and scores ``eval_n`` held-out prompts per source
+    (generated over the evaluation pools; cobjs and BIG-bench from ``held_out_data``, a datasets root);
+    see :mod:`.transfer`. ``apply`` leaves that edit applied. ``persistent_only`` (with ``heads``) skips
+    the ranking and the controls."""
     tgt = get_task(target, handle.tokenizer, n=n, seed=seed, data_dir=data_dir)
     src = get_task(source, handle.tokenizer, n=n, seed=seed, data_dir=data_dir if source != "ioi" else None)
     for t, role in ((tgt, "target"), (src, "source")):
@@ -71,6 +77,16 @@ def repair(handle, source: str = "ioi", target: str = "colored-objects", heads=N
             raise KnoweditError(f"{role} task {t.name!r} has no distractor_positions; repair steers heads to the "
                                 f"distractor tokens, so both tasks need their positions")
     fixed = head_names(handle, heads) if heads is not None else None
+    persist = dict(facts_n=facts_n, persistent_kwargs=persistent_kwargs, train_n=train_n, eval_n=eval_n,
+                   held_out_data=held_out_data, seed=seed, batch_size=batch_size, progress=progress)
+    if persistent_only:
+        if not fixed:
+            raise KnoweditError("persistent_only: pass the heads to distil (--heads); the ranking that would "
+                                "choose them is skipped")
+        none = pd.DataFrame()
+        result = RepairResult(src.name, tgt.name, none, none, none, fixed, {},
+                              meta={"n": len(tgt), "seed": seed, "method": "fixed"})
+        return _add_persistent(result, handle, src, apply, **persist)
     src_prof = head_profiles(handle, src, batch_size=batch_size)
     s_heads = head_names(handle, source_heads, "source_heads") if source_heads is not None else \
         important_heads(handle, src, FALLBACK_K, profiles=src_prof)
@@ -116,14 +132,20 @@ def repair(handle, source: str = "ioi", target: str = "colored-objects", heads=N
         if not chosen:
             raise KnoweditError("persistent: no head improves the target when steered, so there is nothing to "
                                 "distil; pass --heads to choose them")
-        tr, te = _split(len(tgt), seed)
-        train, held = tgt.subset(tr), tgt.subset(te)
-        facts = known_facts(handle, get_task("facts", handle.tokenizer, n=facts_n, seed=seed), batch_size)
-        edit = distil_steering(handle, train, chosen, progress=progress, **{**DEFAULTS, **(persistent_kwargs or {})})
-        p = collateral(handle, edit, held, src, facts, batch_size=batch_size)
-        p["steered_held_out"] = steered_scores(handle, held, chosen, batch_size=batch_size).mean().item()
-        p["info"] = edit.info
-        result.persistent, result.edit = p, edit
-        if apply:
-            edit.apply()
+        return _add_persistent(result, handle, src, apply, **persist)
+    return result
+
+
+def _add_persistent(result, handle, src, apply, facts_n, persistent_kwargs, train_n, eval_n, held_out_data, seed,
+                    batch_size, progress):
+    facts = known_facts(handle, get_task("facts", handle.tokenizer, n=facts_n, seed=seed), batch_size)
+    t = transfer_repair(handle, result.chosen, train_n=train_n, eval_n=eval_n, seed=seed, data_dir=held_out_data,
+                        source_task=src, facts=facts, persistent_kwargs=persistent_kwargs,
+                        batch_size=batch_size, progress=progress)
+    edit = t["edit"]
+    result.persistent = {**t["collateral"], "table": t["table"], "info": edit.info,
+                         "held_out": {k: v.meta for k, v in t["held_out"].items()}}
+    result.edit = edit
+    if apply:
+        edit.apply()
     return result

@@ -61,13 +61,19 @@ def parse_last_question(text: str) -> dict:
 
 def build_item(tokenizer, clean: str, corrupt: str, answer_color: str, distractor_color: str):
     """Token ids and positions for one prompt pair, or None when an answer is not one token."""
+    scene = parse_last_question(clean)
+    return item_from_spans(tokenizer, clean, corrupt, answer_color, distractor_color,
+                           [it["color_span"] for it in scene["items"]], scene["query"], scene["query_span"])
+
+
+def item_from_spans(tokenizer, clean: str, corrupt: str, answer_color: str, distractor_color: str, color_spans,
+                    q: int, query_span):
+    """As :func:`build_item`, from the character spans of the last scene's colours (``q``: the asked
+    item's index) and of the queried object."""
     got = answer_tokens(tokenizer, clean, [" " + answer_color.capitalize(), " " + distractor_color.capitalize()])
     if got is None or got[0] != clean:
         return None
-    scene = parse_last_question(clean)
-    spans = [it["color_span"] for it in scene["items"]]
-    pos = span_positions(tokenizer, clean, spans + [scene["query_span"]])
-    q = scene["query"]
+    pos = span_positions(tokenizer, clean, list(color_spans) + [query_span])
     return {"clean": clean, "corrupt": corrupt, "answer": got[1][0], "distractor": got[1][1],
             "distractor_positions": [p for i, p in enumerate(pos[:-1]) if i != q],
             "answer_position": [pos[q]], "query_position": [pos[-1]]}
@@ -84,37 +90,51 @@ def make_task(name: str, items: list, dropped: int, meta: dict) -> Task:
                 {"answer": [it["answer_position"] for it in items], "query": [it["query_position"] for it in items]})
 
 
-def _random_scene(rng, objects):
-    colors = rng.sample(COLORS, 3)
-    objects = rng.sample(objects, 3)
-    return rng.choice(SURFACES), rng.choice(PHRASES), list(zip(colors, objects))
-
-
-def colored_objects_task(tokenizer, n: int = 50, seed: int = 0) -> Task:
-    """``n`` one-shot prompts from the built-in colour/object lists (items whose colours are not
-    single tokens for ``tokenizer`` are dropped and counted in ``meta['dropped']``)."""
-    if n <= 0:
-        raise KnoweditError("n: the number of Colored Objects prompts must be positive")
-    # Single-token objects keep the clean and corrupt prompts the same length, position by position.
-    objects = single_token_words(tokenizer, OBJECTS)
-    rng = random.Random(seed)
+def sample_items(n: int, draw) -> tuple[list, int]:
+    """Up to ``n`` items from ``draw()`` (None: dropped) and the number dropped. Bounded, so a tokenizer
+    with almost no single-token colours fails instead of looping forever."""
     items, dropped = [], 0
-    # Bounded so a tokenizer with almost no single-token colours fails instead of looping forever.
     for _ in range(20 * n):
         if len(items) == n:
             break
-        s_surface, s_phrase, s_items = _random_scene(rng, objects)
-        k = rng.randrange(3)
-        shot = (f"Q: {scene_sentence(s_surface, s_phrase, s_items, s_items[k][1])}\n"
-                f"A: {s_items[k][0].capitalize()}\n")
-        surface, phrase, scene = _random_scene(rng, objects)
-        q, other = rng.sample(range(3), 2)
-        clean = shot + f"Q: {scene_sentence(surface, phrase, scene, scene[q][1])}\nA:"
-        corrupt = shot + f"Q: {scene_sentence(surface, phrase, scene, scene[other][1])}\nA:"
-        item = build_item(tokenizer, clean, corrupt, scene[q][0], scene[other][0])
+        item = draw()
         if item is None:
             dropped += 1
         else:
             items.append(item)
+    return items, dropped
+
+
+def _random_scene(rng, objects, colors=COLORS):
+    colors = rng.sample(colors, 3)
+    objects = rng.sample(objects, 3)
+    return rng.choice(SURFACES), rng.choice(PHRASES), list(zip(colors, objects))
+
+
+def colored_objects_task(tokenizer, n: int = 50, seed: int = 0, colors=None, objects=None) -> Task:
+    """``n`` one-shot prompts from the built-in colour/object lists, or ``colors``/``objects`` (items
+    whose colours are not single tokens for ``tokenizer`` are dropped and counted in ``meta['dropped']``)."""
+    if n <= 0:
+        raise KnoweditError("n: the number of Colored Objects prompts must be positive")
+    colors = list(COLORS if colors is None else colors)
+    # Single-token objects keep the clean and corrupt prompts the same length, position by position.
+    given = OBJECTS if objects is None else list(objects)
+    objects = single_token_words(tokenizer, given)
+    if len(colors) < 3 or len(objects) < 3:
+        raise KnoweditError(f"colors/objects: a scene needs 3 colours and 3 single-token objects (got "
+                            f"{len(colors)} colours, {len(objects)} single-token objects)")
+    rng = random.Random(seed)
+
+    def draw():
+        s_surface, s_phrase, s_items = _random_scene(rng, objects, colors)
+        k = rng.randrange(3)
+        shot = (f"Q: {scene_sentence(s_surface, s_phrase, s_items, s_items[k][1])}\n"
+                f"A: {s_items[k][0].capitalize()}\n")
+        surface, phrase, scene = _random_scene(rng, objects, colors)
+        q, other = rng.sample(range(3), 2)
+        clean = shot + f"Q: {scene_sentence(surface, phrase, scene, scene[q][1])}\nA:"
+        corrupt = shot + f"Q: {scene_sentence(surface, phrase, scene, scene[other][1])}\nA:"
+        return build_item(tokenizer, clean, corrupt, scene[q][0], scene[other][0])
+    items, dropped = sample_items(n, draw)
     return make_task("colored-objects", items, dropped, {"seed": seed, "source": "generated",
-                                                         "dropped_objects": len(OBJECTS) - len(objects)})
+                                                         "dropped_objects": len(given) - len(objects)})

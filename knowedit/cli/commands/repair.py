@@ -25,6 +25,17 @@ def add_parser(sub):
     p.add_argument("--k", type=int, default=4, help="at most this many heads in the chosen set")
     p.add_argument("--persistent", action="store_true", help="distil the steering into the heads' q/k weights")
     p.add_argument("--save", default=None, help="with --persistent: write the repaired model here (save_pretrained)")
+    p.add_argument("--train-n", type=int, default=200,
+                   help="with --persistent: varied-wording training prompts over training-only colours/objects")
+    p.add_argument("--eval-n", type=int, default=50, help="with --persistent: held-out prompts per source")
+    p.add_argument("--held-out-data", default=None,
+                   help="with --persistent: datasets root holding colored_objects/cobjs_data_42.json and the "
+                        "BIG-bench file, scored as held-out sources (default: generated held-out prompts only)")
+    p.add_argument("--persistent-only", action="store_true",
+                   help="with --persistent and --heads: skip the ranking and controls (the held-out table only)")
+    p.add_argument("--distil", default=None, metavar="KEY=VALUE,...",
+                   help="with --persistent: distillation settings, e.g. steps=4,lr=1e-3,output_weight=1,"
+                        "keep_weight=1,attention_weight=0,ce_weight=0,batch_size=8")
     p.add_argument("--n", type=int, default=40, help="prompts per task")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -42,6 +53,14 @@ def run(args):
     save = _check_save_dir(args.save)
     if args.n < 2:
         raise KnoweditError("--n: need at least 2 prompts")
+    if args.train_n < 1 or args.eval_n < 1:
+        raise KnoweditError(f"--train-n {args.train_n} / --eval-n {args.eval_n}: need at least 1 prompt each")
+    distil = _distil_options(args.distil)
+    if args.persistent_only and not (args.persistent and (args.heads or args.preset)):
+        raise KnoweditError("--persistent-only needs --persistent and the heads (--heads or --preset)")
+    if args.held_out_data and not Path(args.held_out_data).is_dir():
+        raise KnoweditError(f"--held-out-data: {args.held_out_data} is not a directory; pass the datasets root "
+                            f"(e.g. ../shared/datasets)")
     heads = args.heads
     if args.preset:
         if heads:
@@ -62,9 +81,30 @@ def run(args):
             circuits[f"{role}_heads"] = c.top_heads(args.top_share) if args.top_share else c
     res = repair(handle, args.source, args.target, heads=heads, n=args.n, seed=args.seed, data_dir=args.data_dir,
                  method=args.method, k=args.k, persistent=args.persistent, apply=bool(save), progress=tqdm,
-                 **circuits)
+                 train_n=args.train_n, eval_n=args.eval_n, held_out_data=args.held_out_data,
+                 persistent_kwargs=distil, persistent_only=args.persistent_only, **circuits)
     print(res)
     if save is not None:
         handle.save_pretrained(save)
         print(f"saved the repaired model to {save}")
     print(f"\ndone in {time.time() - t0:.0f} s")
+
+
+def _distil_options(text):
+    """``--distil steps=4,lr=1e-3`` as keyword arguments for ``distil_steering``; unknown keys are refused
+    before the model loads."""
+    from ...reuse.persistent import DEFAULTS
+
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or key not in DEFAULTS:
+            raise KnoweditError(f"--distil: {part!r} is not KEY=VALUE with KEY one of {', '.join(DEFAULTS)}")
+        try:
+            out[key] = int(value) if key in ("steps", "batch_size") else float(value)
+        except ValueError:
+            raise KnoweditError(f"--distil: {key}={value!r} is not a number") from None
+    return out
