@@ -29,7 +29,7 @@ def pct(x: float) -> str:
 
 def main(folder: Path):
     cs = {p.stem: Circuit.load(p) for p in sorted(folder.glob("*.json"))}
-    print("| circuit | level | faithfulness | m(N) / m(∅) | heads | MLPs | edges | MIB CPR / CMD |")
+    print("| circuit | level | faithfulness | m(N) / m(∅) | heads | MLPs | edges | CPR / CMD (knowedit protocol, in-sample) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, c in cs.items():
         if c.faithfulness is None:

@@ -30,9 +30,9 @@ class SmallStep(Reference):
     def for_batch(self, start, batch):
         from knowedit.hooks import record
         corr = super().for_batch(start, batch)
-        with torch.no_grad(), record(self.handle) as rec:
+        with torch.no_grad(), record(self.handle, resid=True) as rec:
             self.handle.forward(batch)
-        clean = {"z": rec.z, "mlp": rec.mlp}
+        clean = {"z": rec.z, "mlp": rec.mlp, "emb": {0: rec.resid[0]}}
         return {k: {l: clean[k][l] + self.eps * (corr[k][l] - clean[k][l]) for l in corr[k]} for k in corr}
 
 

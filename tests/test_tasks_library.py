@@ -4,6 +4,7 @@ import json
 import pytest
 
 from knowedit.errors import KnoweditError
+from knowedit.models.bos import bos_prefix
 from knowedit.tasks import (TASKS, colored_objects_task, custom_task, facts_task, get_task, load_bigbench,
                             load_cobjs, load_facts, load_seqcont, seqcont_task)
 from knowedit.tasks.colored_objects import parse_last_question
@@ -16,7 +17,8 @@ def tok(request, gpt2_tok):
 
 
 def _at(tok, text, pos):
-    return tok.decode([encode(tok, text)[pos]]).strip()
+    # Positions count in the model's tokenization: after <|endoftext|> on GPT-2, from the first word on SmolLM2.
+    return tok.decode([(bos_prefix(tok) + encode(tok, text))[pos]]).strip()
 
 
 def _next_is(tok, prompt, tid):
@@ -184,9 +186,10 @@ def test_cobjs_loader_positions(shared_datasets, tok):
         assert tok.decode([task.answers[i]]) == raw[i][1] and tok.decode([task.distractors[i]]) == mind[i][1]
         assert _at(tok, task.clean[i], task.positions["answer"][i][0]).capitalize() == raw[i][1].strip()
     if tok.name_or_path.startswith("gpt2") or len(tok) == 50257:
-        # Merullo's script hard-coded these GPT-2 positions; ours are found from the tokenization.
-        assert {p[0] for p in task.positions["answer"]} <= {41, 45, 50}
-        assert {p for ps in task.distractor_positions for p in ps} <= {41, 45, 50}
+        # Merullo's script hard-coded these GPT-2 positions (counted without the BOS token); ours are found
+        # from the tokenization, after the <|endoftext|> that GPT-2 prompts start with.
+        assert {p[0] for p in task.positions["answer"]} <= {42, 46, 51}
+        assert {p for ps in task.distractor_positions for p in ps} <= {42, 46, 51}
 
 
 def test_bigbench_loader(shared_datasets, gpt2_tok):

@@ -19,7 +19,7 @@ def head_ablation_scan(handle, task: Task, top_layers: int = 6, batch_size: int 
     sorted by ``delta`` (most harmful first)."""
     a = handle.adapter
     heads = handle.all_heads()
-    means = mean_activations(handle, task.corrupt, heads, batch_size=batch_size)
+    means = mean_activations(handle, task.corrupt, heads, batch_size=batch_size, bos=task.bos)
     base = score(handle, task, batch_size=batch_size).mean().item()
 
     def effect(comps):
@@ -40,5 +40,6 @@ def head_ablation_scan(handle, task: Task, top_layers: int = 6, batch_size: int 
                      "layer_delta": layer_delta[c.layer]})
     df = pd.DataFrame(rows).sort_values("delta", kind="stable").reset_index(drop=True)
     df.attrs.update({"baseline": base, "layer_deltas": layer_delta, "ablation": "mean over corrupted prompts",
-                     "metric": task.metric, "n_prompts": len(task)})
+                     "metric": task.metric, "n_prompts": len(task),
+                     "bos": handle.uses_bos(task.bos)})
     return df

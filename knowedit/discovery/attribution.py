@@ -60,16 +60,27 @@ def gradient_pass(handle, batch, answers, distractors, metric: str, emb: torch.T
 
 
 def node_deltas(handle, ref, acts, grads) -> dict[str, torch.Tensor]:
+    # float32 whatever the model's dtype: bfloat16 sums over prompts and positions lose the small terms
     a = handle.adapter
     out = {}
     for l in range(a.n_layers):
-        z, g = acts[("z", l)], grads[("z", l)]
+        z, g = acts[("z", l)].float(), grads[("z", l)].float()
         B, T = z.shape[:2]
-        d = ((ref["z"][l].reshape(B, T, -1) - z) * g).view(B, T, a.n_heads, a.d_head).sum((0, 1, 3))
+        d = ((ref["z"][l].reshape(B, T, -1).float() - z) * g).view(B, T, a.n_heads, a.d_head).sum((0, 1, 3))
         for h in range(a.n_heads):
             out[f"a{l}.h{h}"] = d[h]
-        out[f"m{l}"] = ((ref["mlp"][l] - acts[("mlp", l)]) * grads[("mlp", l)]).sum()
+        out[f"m{l}"] = ((ref["mlp"][l].float() - acts[("mlp", l)].float()) * grads[("mlp", l)].float()).sum()
     return out
+
+
+def check_ig_reference(method: str, reference) -> None:
+    """EAP-IG's path runs from each corrupted prompt to its clean prompt, so its scores estimate
+    patching from those corrupted prompts; multiplying them by (mean - clean) would not be an
+    integrated gradient of anything."""
+    if method == "eap-ig" and reference.mode != "patch":
+        raise KnoweditError("ablation: EAP-IG integrates along the path from each corrupted prompt to its clean "
+                            "prompt, so it scores patching from the corrupted counterparts; use ablation='patch' "
+                            "(--ablation patch, the default for eap-ig), or method='eap' for mean ablation")
 
 
 def interpolated_embeddings(handle, batch, corrupt_batch, steps: int):
@@ -88,6 +99,7 @@ def attribution_scores(ev: Evaluator, method: str = "eap", steps: int = 5, progr
     """Normalised node scores from EAP or EAP-IG (``steps`` interpolation points)."""
     if method not in METHODS:
         raise KnoweditError(f"method: {method!r} is not an attribution method; use one of {METHODS}")
+    check_ig_reference(method, ev.reference)
     h, task = ev.handle, ev.task
     totals: dict[str, float] = {}
     it = range(len(ev.batches))
@@ -97,7 +109,7 @@ def attribution_scores(ev: Evaluator, method: str = "eap", steps: int = 5, progr
         if method == "eap":
             acts, grads, _ = gradient_pass(h, b, ans, dis, task.metric)
         else:
-            cb = h.tokenize(task.corrupt[i:i + len(b)])
+            cb = h.tokenize(task.corrupt[i:i + len(b)], bos=task.bos)
             embs = interpolated_embeddings(h, b, cb, steps)
             grads = None
             for e in embs:

@@ -19,7 +19,7 @@ import torch
 from ..hooks import HookSet
 from ..hooks.ports import PORTS, head_ports, port_weight
 from ..tasks.base import per_prompt_scores
-from .attribution import interpolated_embeddings
+from .attribution import check_ig_reference, interpolated_embeddings
 from .edge_graph import EdgeGraph
 from .evaluate import gradient_metric
 
@@ -28,35 +28,39 @@ def head_outputs(adapter, layer: int, z: torch.Tensor) -> torch.Tensor:
     """What each head of ``layer`` writes to the residual stream, ``[H, B, T, d_model]``, from the
     W_O input ``z`` (``[B, T, H*dh]`` or ``[B, T, H, dh]``)."""
     H, dh = adapter.n_heads, adapter.d_head
-    w = adapter.weight_in_out(adapter.o_proj(layer)).reshape(H, dh, -1)
-    return torch.einsum("bthe,hed->hbtd", z.reshape(*z.shape[:2], H, dh).to(w.dtype), w)
+    # float32 whatever the model's dtype: these outputs are differenced and summed over many edges
+    w = adapter.weight_in_out(adapter.o_proj(layer)).reshape(H, dh, -1).float()
+    return torch.einsum("bthe,hed->hbtd", z.reshape(*z.shape[:2], H, dh).float(), w)
 
 
-def source_outputs(adapter, z: dict, mlp: dict) -> torch.Tensor:
-    """``[n_sources, B, T, d]`` in the edge graph's source order, from per-layer z and MLP outputs."""
-    out = []
+def source_outputs(adapter, z: dict, mlp: dict, emb: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n_sources, B, T, d]`` float32 in the edge graph's source order, from per-layer z and MLP
+    outputs (and the embedding stream first, when the graph has the embedding as a source)."""
+    out = [emb.unsqueeze(0).float()] if emb is not None else []
     for l in range(adapter.n_layers):
-        out += [head_outputs(adapter, l, z[l]), mlp[l].unsqueeze(0).to(torch.float32)]
+        out += [head_outputs(adapter, l, z[l]), mlp[l].unsqueeze(0).float()]
     return torch.cat(out)
 
 
 @torch.no_grad()
-def clean_sources(handle, batch) -> torch.Tensor:
+def clean_sources(handle, batch, emb: bool = False) -> torch.Tensor:
     a = handle.adapter
-    z, mlp = {}, {}
+    z, mlp, x0 = {}, {}, {}
     with HookSet() as hs:
+        hs.pre(a.ln_attn(0), lambda m, args: x0.setdefault(0, args[0]))
         for l in range(a.n_layers):
             hs.pre(a.o_proj(l), lambda m, args, l=l: z.__setitem__(l, args[0]))
             hs.post(a.mlp(l), lambda m, args, o, l=l: mlp.__setitem__(l, o))
         handle.last_logits(batch)
-    return source_outputs(a, z, mlp)
+    return source_outputs(a, z, mlp, x0[0] if emb else None)
 
 
 def _norm_vjp(norm, x: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """``J_norm(x)ᵀ g`` for each ``g`` in ``grads [P, B, T, d]``: one batched backward through the norm."""
+    """``J_norm(x)ᵀ g`` for each ``g`` in ``grads [P, B, T, d]``: one batched backward through the norm,
+    in the model's dtype (the norm's own), returned as float32."""
     with torch.enable_grad():
-        xr = x.detach().unsqueeze(0).expand_as(grads).clone().requires_grad_(True)
-        return torch.autograd.grad(norm(xr), xr, grads)[0]
+        xr = x.detach().unsqueeze(0).expand(grads.shape).clone().requires_grad_(True)
+        return torch.autograd.grad(norm(xr), xr, grads.to(x.dtype))[0].float()
 
 
 def gradient_terms(handle, batch, answers, distractors, metric: str, D: torch.Tensor, graph: EdgeGraph,
@@ -111,20 +115,22 @@ def gradient_terms(handle, batch, answers, distractors, metric: str, D: torch.Te
 def edge_attribution_scores(ev, method: str = "eap", steps: int = 5, progress=None) -> dict[str, float]:
     """Normalised edge scores (``{"a3.h1->a7.h2.q": score}``) from EAP or EAP-IG, using the reference
     activations of ``ev`` (an :class:`~knowedit.discovery.evaluate.Evaluator`)."""
+    check_ig_reference(method, ev.reference)
     h, task = ev.handle, ev.task
     a = h.adapter
-    graph = EdgeGraph(a.n_layers, a.n_heads)
+    graph = ev.graph
     total = torch.zeros(graph.n_dests, graph.n_sources, dtype=torch.float64)
     it = range(len(ev.batches))
     for k in (progress(it, desc=f"{method} (edges)") if progress else it):
         i, b, ans, dis = ev.batches[k]
         ref = ev.ref(k)
         with torch.no_grad():
-            D = source_outputs(a, ref["z"], ref["mlp"]) - clean_sources(h, b)
+            D = source_outputs(a, ref["z"], ref["mlp"], ref["emb"][0] if graph.emb else None) - \
+                clean_sources(h, b, graph.emb)
         if method == "eap":
             total += gradient_terms(h, b, ans, dis, task.metric, D, graph).double()
         else:
-            cb = h.tokenize(task.corrupt[i:i + len(b)])
+            cb = h.tokenize(task.corrupt[i:i + len(b)], bos=task.bos)
             for e in interpolated_embeddings(h, b, cb, steps):
                 total += gradient_terms(h, b, ans, dis, task.metric, D, graph, emb=e).double() / steps
         del D

@@ -5,7 +5,9 @@ For a destination ``v`` (a head's q, k or v input, an MLP's input, or the logits
 ``in_v = x - Σ_{u absent from v} (o_u - o_u^ref)``, where ``x`` is the residual stream the model
 computed and ``o_u`` what source ``u`` wrote to it in this same run (itself computed from its own
 edited inputs). The norm and the head's projection are then applied to ``in_v``, so each head
-of a layer can see a different stream. The embedding's edges are always present.
+of a layer can see a different stream. The embedding's edges are always present, unless the graph
+has the embedding as a candidate source (``emb=True``, the MIB protocol); ``prune=True`` evaluates
+every edge set after MIB's pruning (:meth:`EdgeGraph.prune`).
 
 With every edge present this is the unchanged model; with none, every destination reads only the
 embedding and reference contributions. ``m(∅)`` of an edge circuit is that run.
@@ -28,15 +30,16 @@ class EdgeEvaluator:
     """The task metric and faithfulness of edge circuits; ``nodes`` lists the candidate edges (so
     the top-k search and the MIB curves take it in place of a node :class:`Evaluator`)."""
 
-    def __init__(self, handle, task, ablation: str = "mean", batch_size: int = 32, reference=None):
+    def __init__(self, handle, task, ablation: str = "mean", batch_size: int = 32, reference=None,
+                 means: str = "template", emb: bool = False, prune: bool = False):
         check_supported(handle.adapter)
-        self.handle, self.task = handle, task
+        self.handle, self.task, self.prune = handle, task, prune
         a = handle.adapter
-        self.graph = EdgeGraph(a.n_layers, a.n_heads)
+        self.graph = EdgeGraph(a.n_layers, a.n_heads, emb=emb)
         self.nodes = self.graph.edge_names
         self.fixed: list[str] = []
         self._node_ev = Evaluator(handle, task, ablation=ablation, batch_size=batch_size, candidates="nodes",
-                                  reference=reference)
+                                  reference=reference, means=means)
         self.reference, self.batches = self._node_ev.reference, self._node_ev.batches
         self._ref_src: dict[int, torch.Tensor] = {}
         self._empty = None
@@ -47,7 +50,7 @@ class EdgeEvaluator:
     def _sources_ref(self, k: int) -> torch.Tensor:
         if k not in self._ref_src:
             r = self.ref(k)
-            self._ref_src[k] = source_outputs(self.handle.adapter, r["z"], r["mlp"])
+            self._ref_src[k] = source_outputs(self.handle.adapter, r["z"], r["mlp"], r["emb"][0] if self.graph.emb else None)
         return self._ref_src[k]
 
     @torch.no_grad()
@@ -104,8 +107,14 @@ class EdgeEvaluator:
             delta = absent_sum([g.logits_dst])[0]
             return (args[0] - delta.to(args[0].dtype),) + tuple(args[1:])
 
+        def on_emb(m, args):
+            D[0] = args[0].float() - R[0]
+            st["S"] = st["S"] + D[0]
+
         st["x"] = {}
         with HookSet() as hs, head_ports(h, on_port):
+            if g.emb:
+                hs.pre(a.ln_attn(0), on_emb)
             for l in range(a.n_layers):
                 hs.pre(a.ln_attn(l), lambda m, args, l=l: st["x"].__setitem__(l, args[0]))
                 hs.pre(a.o_proj(l), on_heads(l))
@@ -132,5 +141,14 @@ class EdgeEvaluator:
     def gap(self) -> float:
         return checked_gap(self.task, self.full, self.empty, "edge")
 
+    def present(self, edges: Iterable[str]) -> torch.Tensor:
+        p = self.graph.present(edges)
+        return self.graph.prune(p) if self.prune else p
+
+    def kept(self, edges: Iterable[str]) -> list[str]:
+        """The edges a circuit keeps (after pruning, when this evaluator prunes), in graph order."""
+        g = self.graph
+        return [f"{g.source_names[u]}->{g.dest_names[v]}" for v, u in self.present(edges).nonzero().tolist()]
+
     def faithfulness(self, edges: Iterable[str]) -> float:
-        return (self.metric_with(self.graph.present(edges)) - self.empty) / self.gap()
+        return (self.metric_with(self.present(edges)) - self.empty) / self.gap()

@@ -55,15 +55,15 @@ class Evaluator:
     """Runs the task's clean prompts with sets of nodes ablated; caches batches and references."""
 
     def __init__(self, handle, task, ablation: str = "mean", batch_size: int = 32, reference: Reference | None = None,
-                 candidates: str = "nodes"):
+                 candidates: str = "nodes", means: str = "template"):
         self.handle, self.task, self.batch_size, self.candidates = handle, task, batch_size, candidates
-        self.reference = reference or Reference(handle, task, ablation, batch_size)
+        self.reference = reference or Reference(handle, task, ablation, batch_size, means=means)
         self.nodes = all_nodes(handle, candidates)
         # Nodes that are never ablated (the MLPs when only heads are candidates).
         self.fixed = [n for n in all_nodes(handle) if n not in set(self.nodes)]
         self.batches = []
         for i in range(0, len(task), batch_size):
-            b = handle.tokenize(task.clean[i:i + batch_size])
+            b = handle.tokenize(task.clean[i:i + batch_size], bos=task.bos)
             a = torch.tensor(task.answers[i:i + len(b)])
             d = torch.tensor(task.distractors[i:i + len(b)])
             self.batches.append((i, b, a, d))
@@ -119,12 +119,17 @@ class _null:
 
 def circuit_faithfulness(handle, circuit, task, batch_size: int = 32) -> float:
     """Re-evaluate a circuit's faithfulness on ``task`` (an edge circuit through its edges) with the
-    ablation and candidate set its method settings record, independently of the scores that chose it."""
+    ablation, means, candidate set, protocol and BOS its files record, independently of the scores that
+    chose it. Files written before a setting was recorded get the behaviour they were found with (no
+    BOS, means grouped by token length). A task with its own ``bos`` keeps it."""
     circuit.check_model(handle)
-    if circuit.edges and circuit.method.get("level") == "edge":
+    m = circuit.method
+    if task.bos is None:
+        task = task.with_bos(circuit.task.get("bos", False), handle.tokenizer)
+    common = dict(ablation=m.get("ablation", "mean"), batch_size=batch_size, means=m.get("means", "length"))
+    if circuit.edges and m.get("level") == "edge":
         from .edge_evaluate import EdgeEvaluator
-        ev = EdgeEvaluator(handle, task, ablation=circuit.method.get("ablation", "mean"), batch_size=batch_size)
-        return ev.faithfulness(circuit.edges)
-    ev = Evaluator(handle, task, ablation=circuit.method.get("ablation", "mean"), batch_size=batch_size,
-                   candidates=circuit.method.get("candidates", "nodes"))
+        mib = m.get("protocol") == "mib"
+        return EdgeEvaluator(handle, task, emb=mib, prune=mib, **common).faithfulness(circuit.edges)
+    ev = Evaluator(handle, task, candidates=m.get("candidates", "nodes"), **common)
     return ev.faithfulness(circuit.nodes)

@@ -2,7 +2,10 @@
 
 Two columns per head and MLP, both in logit-difference units ``logit(A) - logit(B)``:
 * ``dla``: direct logit attribution, the component's output at the last position projected through
-  the final norm (its scale frozen at this prompt's value) and the unembedding difference ``U_A - U_B``;
+  the final norm (its scale frozen at this prompt's value) and the unembedding difference ``U_A - U_B``.
+  ``emb`` is the embedding stream entering the first block (GPT-2's position embeddings included) and
+  ``bias`` the constant terms no component owns (attention output biases, the final norm's and the
+  unembedding's biases), so the ``dla`` of every row adds up to the logit difference;
 * ``attribution``: attribution patching, ``(a_ref - a) · ∂(logit A - logit B)/∂a`` summed over positions,
   with ``a_ref`` the activation on ``corrupt`` when given, else zero (zero-ablation estimate)."""
 from __future__ import annotations
@@ -25,16 +28,30 @@ def _final_scale(handle, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return w / torch.sqrt(x.pow(2).mean() + eps), False
 
 
+def _bias_dla(handle, dla, u: torch.Tensor, ans: int, dis: int) -> float:
+    """The logit difference's share from biases: attention output biases go through the final norm
+    like any output; the final norm's bias and the unembedding's add after it."""
+    a = handle.adapter
+    total = sum(dla(a.o_proj(l).bias) for l in range(a.n_layers) if getattr(a.o_proj(l), "bias", None) is not None)
+    ln_bias = getattr(a.ln_final, "bias", None)
+    if ln_bias is not None:
+        total += float(ln_bias.detach().float() @ (u[ans] - u[dis]))
+    ub = getattr(a.unembed, "bias", None)
+    if ub is not None:
+        total += float(ub[ans] - ub[dis])
+    return float(total)
+
+
 def explain(handle, prompt: str, answer: str, distractor: str, corrupt: str | None = None,
-            top: int = 10) -> pd.DataFrame:
+            top: int = 10, bos: bool | None = None) -> pd.DataFrame:
     """Top components by |dla| and by |attribution| (the union of both top lists), one row each.
 
-    ``attrs['dla_total']`` sums the direct attributions of every component and the embeddings; for
-    models without output biases it equals the logit difference."""
+    ``attrs['dla_total']`` sums the direct attributions of every component, the embeddings and the
+    biases; it equals the logit difference (up to float rounding)."""
     a = handle.adapter
     ans = handle.token_id(answer, "answer")
     dis = handle.token_id(distractor, "distractor")
-    batch = handle.tokenize([prompt])
+    batch = handle.tokenize([prompt], bos=bos)
     last = int(batch.last[0])
     with torch.no_grad(), record(handle, resid=True) as rec:
         logits = handle.last_logits(batch)
@@ -46,9 +63,8 @@ def explain(handle, prompt: str, answer: str, distractor: str, corrupt: str | No
         v = v.detach().float()
         return float(((v - v.mean()) if centre else v) @ direction)
 
-    with torch.no_grad():
-        emb_out = handle.adapter.embed(batch.input_ids)
-    rows = {"emb": {"dla": dla(emb_out[0, last]), "attribution": float("nan")}}
+    rows = {"emb": {"dla": dla(rec.resid[0][0, last]), "attribution": float("nan")},
+            "bias": {"dla": _bias_dla(handle, dla, u, ans, dis), "attribution": float("nan")}}
     for l in range(a.n_layers):
         for hd in range(a.n_heads):
             rows[f"a{l}.h{hd}"] = {"dla": dla(rec.head_out(l, hd)[0, last])}
@@ -57,7 +73,7 @@ def explain(handle, prompt: str, answer: str, distractor: str, corrupt: str | No
     acts, grads, _ = gradient_pass(handle, batch, t_a, t_d, "logit_diff")
     if corrupt is not None:
         with torch.no_grad(), record(handle) as crec:
-            handle.forward(handle.tokenize([corrupt]))
+            handle.forward(handle.tokenize([corrupt], bos=bos))
         ref = {("z", l): crec.z[l].reshape(1, -1, a.n_heads * a.d_head) for l in range(a.n_layers)}
         ref.update({("mlp", l): crec.mlp[l] for l in range(a.n_layers)})
     for key, act in acts.items():
@@ -81,6 +97,6 @@ def explain(handle, prompt: str, answer: str, distractor: str, corrupt: str | No
     out = out.sort_values("dla", key=abs, ascending=False, kind="stable").reset_index(drop=True)
     ld = float(logits[0, ans] - logits[0, dis])
     out.attrs.update({"logit_diff": ld, "answer": answer, "distractor": distractor,
-                      "reference": "corrupt prompt" if corrupt is not None else "zero ablation",
+                      "reference": "corrupt prompt" if corrupt is not None else "zero ablation", "bos": handle.uses_bos(bos),
                       "dla_total": float(df.dla.sum())})
     return out

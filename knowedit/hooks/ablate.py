@@ -14,7 +14,8 @@ from .replace import replace_activations
 
 @torch.no_grad()
 def mean_activations(handle, reference_prompts: Sequence[str], components: Iterable[str | Component],
-                     batch_size: int = 32, per_position: bool = False) -> dict[Component, torch.Tensor]:
+                     batch_size: int = 32, per_position: bool = False,
+                     bos: bool | None = None) -> dict[Component, torch.Tensor]:
     """Means over a reference prompt set, over every real (non-padding) token.
 
     With ``per_position=True`` (all reference prompts must have the same token length) the mean is
@@ -25,7 +26,7 @@ def mean_activations(handle, reference_prompts: Sequence[str], components: Itera
     sums: dict[Component, torch.Tensor] = {}
     count = 0
     for i in range(0, len(reference_prompts), batch_size):
-        batch = handle.tokenize(reference_prompts[i:i + batch_size])
+        batch = handle.tokenize(reference_prompts[i:i + batch_size], bos=bos)
         if per_position and not bool((batch.lengths == batch.lengths[0]).all()):
             raise KnoweditError("reference_prompts: per_position means need prompts of equal token length")
         w = batch.attention_mask.to(torch.float32).unsqueeze(-1)

@@ -10,6 +10,7 @@ import torch
 from ..errors import KnoweditError
 from . import components as C
 from .adapters import Adapter, adapter_for
+from .bos import bos_prefix, uses_bos
 from .fingerprint import weight_fingerprint
 
 
@@ -93,7 +94,9 @@ class ModelHandle:
         return C.all_mlps(self.adapter.n_layers)
 
     # ---- tokens -----------------------------------------------------------------------------
-    def tokenize(self, prompts: Sequence[str]) -> Batch:
+    def tokenize(self, prompts: Sequence[str], bos: bool | None = None) -> Batch:
+        """Prompts as token ids, after the model's BOS token when ``bos`` (None: the model's
+        convention, see :mod:`knowedit.models.bos`); task positions count in this tokenization."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if len(prompts) == 0:
@@ -102,7 +105,12 @@ class ModelHandle:
         for i, (p, t) in enumerate(zip(prompts, ids)):
             if not t:
                 raise KnoweditError(f"prompts[{i}]: {p!r} tokenises to nothing; pass non-empty text")
-        return Batch.from_ids(ids, self.tokenizer.pad_token_id, self.device)
+        head = bos_prefix(self.tokenizer, bos)
+        return Batch.from_ids([head + t for t in ids], self.tokenizer.pad_token_id, self.device)
+
+    def uses_bos(self, bos: bool | None = None) -> bool:
+        """Whether prompts tokenized with ``bos`` start with a BOS token (recorded in results)."""
+        return uses_bos(self.tokenizer, bos)
 
     def token_id(self, text: str, field: str = "token") -> int:
         """The id of ``text`` if it is exactly one token, else an error naming the field."""
@@ -113,8 +121,9 @@ class ModelHandle:
             )
         return ids[0]
 
-    def to_str_tokens(self, text: str) -> list[str]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def to_str_tokens(self, text: str, bos: bool | None = None) -> list[str]:
+        """Token strings at the positions :meth:`tokenize` gives them (the BOS included)."""
+        ids = bos_prefix(self.tokenizer, bos) + self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return [self.tokenizer.decode([i]) for i in ids]
 
     # ---- running ----------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..errors import KnoweditError
+from ..models.bos import uses_bos
 
 METRICS = ("logit_diff", "accuracy", "prob")
 
@@ -18,7 +20,11 @@ class Task:
 
     ``distractor_positions[i]`` (optional) lists the token positions in ``clean[i]`` that hold the
     distractors, found from the tokenization; attention steering needs them. ``positions`` (optional)
-    maps a role (e.g. ``"answer"``, ``"query"``) to per-prompt lists of token positions in ``clean[i]``."""
+    maps a role (e.g. ``"answer"``, ``"query"``) to per-prompt lists of token positions in ``clean[i]``.
+
+    ``bos``: whether the prompts are run after the model's BOS token (None: the model's convention,
+    :mod:`knowedit.models.bos`); every position counts in that tokenization. ``templates`` (optional)
+    names each prompt's template; mean ablation averages the corrupted prompts of one template."""
 
     name: str
     clean: list[str]
@@ -29,6 +35,8 @@ class Task:
     distractor_positions: list[list[int]] | None = None
     meta: dict = field(default_factory=dict)
     positions: dict[str, list[list[int]]] | None = None
+    bos: bool | None = None
+    templates: list[str] | None = None
 
     def __post_init__(self):
         n = len(self.clean)
@@ -37,6 +45,8 @@ class Task:
         for fld in ("corrupt", "answers", "distractors"):
             if len(getattr(self, fld)) != n:
                 raise KnoweditError(f"task {self.name!r}: {fld} has {len(getattr(self, fld))} items, clean has {n}")
+        if self.templates is not None and len(self.templates) != n:
+            raise KnoweditError(f"task {self.name!r}: templates has {len(self.templates)} items, clean has {n}")
         for role, per_prompt in (self.positions or {}).items():
             if len(per_prompt) != n:
                 raise KnoweditError(f"task {self.name!r}: positions[{role!r}] has {len(per_prompt)} items, clean has {n}")
@@ -52,7 +62,20 @@ class Task:
         roles = {r: [v[i] for i in idx] for r, v in self.positions.items()} if self.positions else None
         return Task(self.name, [self.clean[i] for i in idx], [self.corrupt[i] for i in idx],
                     [self.answers[i] for i in idx], [self.distractors[i] for i in idx], self.metric, pos,
-                    dict(self.meta), roles)
+                    dict(self.meta), roles, self.bos,
+                    [self.templates[i] for i in idx] if self.templates is not None else None)
+
+    def with_bos(self, bos: bool | None, tokenizer) -> "Task":
+        """The same task run with (``True``) or without (``False``) the BOS token, positions moved to
+        match; ``None`` keeps it as it is."""
+        if bos is None:
+            return self
+        shift = int(uses_bos(tokenizer, bos)) - int(uses_bos(tokenizer, self.bos))
+        move = lambda per_prompt: [[p + shift for p in ps] for ps in per_prompt]
+        return dataclasses.replace(
+            self, bos=bool(bos),
+            distractor_positions=move(self.distractor_positions) if self.distractor_positions else None,
+            positions={r: move(v) for r, v in self.positions.items()} if self.positions else None)
 
 
 def per_prompt_scores(logits: torch.Tensor, answers: torch.Tensor, distractors: torch.Tensor,
@@ -75,7 +98,7 @@ def score(handle, task: Task, prompts: str = "clean", batch_size: int = 32,
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            batch = handle.tokenize(texts[i:i + batch_size])
+            batch = handle.tokenize(texts[i:i + batch_size], bos=task.bos)
             ctx = intervention(batch, slice(i, i + len(batch))) if intervention else contextlib.nullcontext()
             with ctx:
                 logits = handle.last_logits(batch)

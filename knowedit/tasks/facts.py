@@ -86,7 +86,7 @@ def facts_task(tokenizer, records=None, n: int = 50, seed: int = 0, name: str = 
                 {"seed": seed, "n": len(items), "dropped": dropped, "source": source, "answer_tokens": "first",
                  "length_mismatch": misaligned,
                  "relations": sorted({i[5] for i in items})},
-                {"subject_last": [i[4] for i in items]})
+                {"subject_last": [i[4] for i in items]}, templates=[i[5] for i in items])
 
 
 

@@ -50,7 +50,7 @@ def ioi_task(tokenizer, n: int = 50, seed: int = 0, corruption: str = "abc", ord
         raise KnoweditError("IOI: too few single-token names/places/objects for this tokenizer")
     rng = random.Random(seed)
     clean, corrupt, ans, dis = [], [], [], []
-    s_pos, io_pos, s2_pos = [], [], []
+    s_pos, io_pos, s2_pos, templates = [], [], [], []
     tok = lambda w: tokenizer(" " + w, add_special_tokens=False)["input_ids"][0]
     for i in range(n):
         order = orders[i % len(orders)]
@@ -58,6 +58,7 @@ def ioi_task(tokenizer, n: int = 50, seed: int = 0, corruption: str = "abc", ord
         A, B, Cn = rng.sample(names, 3)
         P, O = rng.choice(places), rng.choice(objects)
         clean.append(tpl.format(A=A, B=B, P=P, O=O))
+        templates.append(tpl)
         if corruption == "abc":
             # Same template with the repeated subject replaced by a third name.
             corrupt.append(_abc(tpl, A, B, Cn, P, O))
@@ -72,7 +73,7 @@ def ioi_task(tokenizer, n: int = 50, seed: int = 0, corruption: str = "abc", ord
     return Task("ioi", clean, corrupt, ans, dis, "logit_diff", s_pos,
                 meta={"seed": seed, "n": n, "corruption": corruption, "dropped_names": len(NAMES) - len(names),
                       "names": len(names)},
-                positions={"answer": io_pos, "S1": [[p[0]] for p in s_pos], "S2": s2_pos})
+                positions={"answer": io_pos, "S1": [[p[0]] for p in s_pos], "S2": s2_pos}, templates=templates)
 
 
 def name_positions(tokenizer, text: str, A: str, B: str) -> tuple[int, int, int]:

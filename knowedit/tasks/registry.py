@@ -19,10 +19,16 @@ SEQ = {"seq-numerals": ("numerals", "en"), "seq-numwords": ("numwords", "en"), "
 TASKS = ("ioi", "colored-objects", *SEQ, "facts", "custom")
 
 
-def get_task(name: str, tokenizer, n: int = 50, seed: int = 0, task_file=None, data_dir=None, **options) -> Task:
+def get_task(name: str, tokenizer, n: int = 50, seed: int = 0, task_file=None, data_dir=None,
+             bos: bool | None = None, **options) -> Task:
     """Build task ``name``. ``data_dir`` (a dataset file, its folder, or the datasets root) switches the
     data-backed tasks from their built-in generators to the published data; ``options`` go to the
-    generator (e.g. ``corruption='swap'`` for IOI, ``step=2`` for sequences)."""
+    generator (e.g. ``corruption='swap'`` for IOI, ``step=2`` for sequences). ``bos`` runs the prompts
+    with or without the model's BOS token (None: the model's convention)."""
+    return _build(name, tokenizer, n, seed, task_file, data_dir, **options).with_bos(bos, tokenizer)
+
+
+def _build(name, tokenizer, n, seed, task_file, data_dir, **options) -> Task:
     if task_file is not None:
         if name not in (None, "custom"):
             raise KnoweditError(f"--task-file gives a custom task; use --task custom (got --task {name})")
