@@ -24,7 +24,7 @@ def test_rome_moves_the_capital_of_france_and_keeps_japan(smol):
         p1 = smol.next_token_probs(prompts)
         assert int(p1[0].argmax()) == london, smol.tokenizer.decode(p1[0].argmax())
         assert int(p1[1].argmax()) == tokyo
-        assert e.info["variant"] == "r-rome" and e.info["covariance_tokens"] >= 100_000
+        assert e.info["variant"] == "rome" and e.info["covariance_tokens"] >= 100_000
     finally:
         e.undo()
     assert {n: tensor_hash(p) for n, p in smol.model.named_parameters()} == before

@@ -44,7 +44,7 @@ ROME_DEFAULTS: dict = {
     "mom2_ridge": 1e-3,           # C + ridge·mean(diag C)·I; 0 = the papers' plain C
     "context_template_length_params": [[5, 10], [10, 10]],
     "kl_prompts": ["{} is a"],
-    "rome_variant": "r-rome",
+    "rome_variant": "rome",        # measured best on the default model (editors/README.md)
     "min_denominator_ratio": 0.1,   # refuse when uᵀk_d < this · uᵀk̄
     "max_update_ratio": 1.0,        # refuse when ‖ΔW‖_F > this · ‖W‖_F
     "seed": 0,
