@@ -23,7 +23,7 @@ from bench_rome import hparams, known_records, scores  # noqa: E402
 
 from knowedit import load_model  # noqa: E402
 from knowedit.editing import read_requests  # noqa: E402
-from knowedit.editing.covariance import collect, corpus_ids, key_stats, settings  # noqa: E402
+from knowedit.editing.covariance import KeyStats, collect, corpus_ids, key_stats, settings  # noqa: E402
 from knowedit.editing.errors import EditRefused  # noqa: E402
 from knowedit.editing.rome import check_hparams, key_and_delta, rome_update  # noqa: E402
 
@@ -45,8 +45,7 @@ def covariances(h, hp, layer, budgets):
                 m += 1
             (total, n), = collect(h, [layer], ids[:m]).values()
             C = (total / n).float().double()   # stored in float32, as the cache does
-        reg = C + ridge * C.diagonal().mean() * torch.eye(len(C), dtype=C.dtype) if ridge > 0 else C
-        out[str(b)] = (reg, n)
+        out[str(b)] = (KeyStats(C, n, full.source, layer).regularised(ridge), n)
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import KnoweditError
+from ..models.handle import Batch
 from .covariance import SETTINGS_DEFAULTS, key_stats
 from .edit import Edit
 from .fields import below_loss_layer, field, layer_list
@@ -25,12 +26,10 @@ _READ_CHUNK = 32   # requests per forward when reading keys and residuals
 def stack_contexts(rows: list[Rows], pad_id: int) -> Rows:
     """The context rows (not the KL rows) of several requests as one right-padded batch, request by
     request."""
-    W = max(int(r.attention_mask[:r.n_context].sum(1).max()) for r in rows)
-    pad = lambda t, v: torch.nn.functional.pad(t[:, :W], (0, max(W - t.shape[1], 0)), value=v)  # noqa: E731
-    ids = torch.cat([pad(r.input_ids[:r.n_context], pad_id) for r in rows])
-    mask = torch.cat([pad(r.attention_mask[:r.n_context], 0) for r in rows])
+    seqs = [r.input_ids[i, :int(r.attention_mask[i].sum())].tolist() for r in rows for i in range(r.n_context)]
+    b = Batch.from_ids(seqs, pad_id, rows[0].input_ids.device)
     subj = torch.cat([r.subject_pos[:r.n_context] for r in rows])
-    return Rows(ids, mask, subj, len(ids), [], [])
+    return Rows(b.input_ids, b.attention_mask, subj, len(seqs), [], [])
 
 
 MEMIT_DEFAULTS: dict = {
