@@ -31,15 +31,30 @@ def main(folder: Path):
     cs = {p.stem: Circuit.load(p) for p in sorted(folder.glob("*.json"))}
     print("| circuit | level | faithfulness | m(N) / m(∅) | heads | MLPs | edges | CPR / CMD (knowedit protocol, in-sample) |")
     print("|---|---|---|---|---|---|---|---|")
+    neuron_level = {n: c for n, c in cs.items() if c.method.get("level") == "neuron"}
     for name, c in cs.items():
         if c.faithfulness is None:
             print(f"| `{name}.json` | hand-made | - | - | {len(c.heads())} | {len(c.mlps())} | - | - |")
+            continue
+        if name in neuron_level:
             continue
         x, mib = c.extra, c.extra.get("mib")
         areas = "{:.3f} / {:.3f}".format(mib["cpr"], mib["cmd"]) if mib else "-"
         print(f"| `{name}.json` | {c.method.get('level', '-')} | {c.faithfulness:.3f} | "
               f"{x['m_full']:.3f} / {x['m_empty']:.3f} | {len(c.heads())} | {len(c.mlps())} | "
               f"{len(c.edges) or '-'} | {areas} |")
+    if neuron_level:
+        print("\n| neuron circuit | faithfulness (scoring prompts) | held-out | neurons (share of 46,080) | "
+              "busiest MLPs | exact-patching check of the top neurons |")
+        print("|---|---|---|---|---|---|")
+        for name, c in neuron_level.items():
+            x = c.extra
+            busy = ", ".join(f"{k} {v}" for k, v in sorted(x["neurons_per_layer"].items(), key=lambda kv: -kv[1])[:3])
+            v = x.get("verification")
+            check = f"sign {v['sign_agreement']:.2f}, Spearman {v['spearman']:.2f} (top {len(v['exact'])})" if v else "-"
+            held = f"{x['faithfulness_heldout']:.3f} ({x.get('n_heldout', '?')})" if "faithfulness_heldout" in x else "-"
+            print(f"| `{name}.json` | {c.faithfulness:.3f} ({c.task.get('n')}) | {held} | {x['n_neurons']} "
+                  f"({100 * x['neuron_share']:.2f}%) | {busy} | {check} |")
     pairs = [("ioi", "colored-objects")] + [(a, b) for i, a in enumerate(SEQ) for b in SEQ[i + 1:]]
     print("\n| pair | heads shared (as selected) | Jaccard | share of each | top-10% heads shared | Jaccard (top 10%) |")
     print("|---|---|---|---|---|---|")

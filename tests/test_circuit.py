@@ -47,7 +47,7 @@ def test_circuit_json_round_trip_and_model_check(tiny, tmp_path):
     c.save(tmp_path / "d.json")
     assert (tmp_path / "d.json").read_text() == text
     d = json.loads(text)
-    assert d["schema_version"] == 1 and d["model"]["fingerprint"] == tiny.fingerprint
+    assert d["schema_version"] == 2 and d["model"]["fingerprint"] == tiny.fingerprint
     assert d["nodes"]["a1.h2"] == 0.123457
     back = Circuit.load(p, handle=tiny)
     assert back.heads() == ["a0.h1", "a1.h2"] and back.mlps() == ["m0", "m2"]

@@ -1,7 +1,11 @@
 """The Circuit type: scored components and/or edges, with where they were found and how.
 
 Circuits serialise to versioned JSON (``schema_version``). Writing the same circuit twice gives
-byte-identical files: keys are sorted and scores rounded to 6 significant digits."""
+byte-identical files: keys are sorted and scores rounded to 6 significant digits.
+
+MLP neurons (``m7.n123``) are held per layer, ``{layer: {index: score}}``, and written as index and
+score lists per MLP (``"neurons": {"m7": {"index": [...], "score": [...]}}``) rather than one JSON key
+per neuron. Version 1 files (no neurons) still load."""
 from __future__ import annotations
 
 import json
@@ -13,10 +17,11 @@ from typing import Iterable
 from ..errors import KnoweditError
 from ..models import components as C
 from ..models.cache import atomic_write_text
-from .mask import PORTS, ParameterMask
+from .mask import PORTS, MaskUnits, ParameterMask
 
 SCHEMA = "knowedit.circuit"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def _r(x):
@@ -26,7 +31,31 @@ def _r(x):
 def model_info(handle) -> dict:
     a = handle.adapter
     return {"name": handle.name, "architecture": handle.architecture, "fingerprint": handle.fingerprint,
-            "n_layers": a.n_layers, "n_heads": a.n_heads}
+            "n_layers": a.n_layers, "n_heads": a.n_heads, "d_mlp": a.d_mlp}
+
+
+def _neuron_table(neurons, n_layers: int, d_mlp: int | None) -> dict[int, dict[int, float]]:
+    """``{layer: {index: score}}`` from that form or from the file form ``{"m7": {"index", "score"}}``."""
+    out: dict[int, dict[int, float]] = {}
+    for key, val in (neurons or {}).items():
+        layer = C.validate(key, n_layers, 1).layer if isinstance(key, str) else int(key)
+        if isinstance(key, str) and C.parse(key).kind != "mlp":
+            raise KnoweditError(f"neurons: key {key!r} must name an MLP such as 'm7'")
+        if not 0 <= layer < n_layers:
+            raise KnoweditError(f"neurons: layer {layer} is out of range; this model has layers 0..{n_layers - 1}")
+        if isinstance(val, dict) and "index" in val:
+            idx, sc = list(val["index"]), list(val.get("score") or [1.0] * len(val["index"]))
+            if len(idx) != len(sc):
+                raise KnoweditError(f"neurons[{key!r}]: {len(idx)} indices but {len(sc)} scores")
+            val = dict(zip(idx, sc))
+        table = {int(i): float(v) for i, v in dict(val).items()}
+        bad = [i for i in table if i < 0 or (d_mlp is not None and i >= d_mlp)]
+        if bad:
+            raise KnoweditError(f"neurons of m{layer}: index {bad[0]} is out of range; this model's MLPs are "
+                                f"{d_mlp} wide (neurons 0..{(d_mlp or 1) - 1})")
+        if table:
+            out[layer] = table
+    return out
 
 
 @dataclass
@@ -39,17 +68,28 @@ class Circuit:
     threshold: float | None = None
     faithfulness: float | None = None
     extra: dict = field(default_factory=dict)
+    neurons: dict = field(default_factory=dict)   # {layer: {index: score}}
+    source: str | None = field(default=None, compare=False, repr=False)   # the file it was loaded from
 
     def __post_init__(self):
-        n_l, n_h = self.model["n_layers"], self.model["n_heads"]
-        self.nodes = {C.validate(k, n_l, n_h).name: float(v) for k, v in self.nodes.items()}
+        n_l, n_h, d = self.model["n_layers"], self.model["n_heads"], self.model.get("d_mlp")
+        nodes = {}
+        for k, v in self.nodes.items():
+            c = C.validate(k, n_l, n_h, d)
+            if c.kind == "neuron":   # single neurons given as nodes join the per-layer table
+                self.neurons = {**self.neurons}
+                self.neurons.setdefault(c.layer, {})[c.index] = float(v)
+            else:
+                nodes[c.name] = float(v)
+        self.nodes = nodes
         self.edges = {C.validate(k, n_l, n_h).name: float(v) for k, v in self.edges.items()}
+        self.neurons = _neuron_table(self.neurons, n_l, d)
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def from_components(cls, handle, names: Iterable, scores: dict | None = None, task: dict | None = None,
                         method: dict | None = None, **kw) -> "Circuit":
-        names = [handle.component(n).name for n in names]
+        names = [handle.component(n).name if isinstance(n, (str, C.Component, C.Edge)) else n for n in names]
         scores = scores or {}
         nodes = {n: float(scores.get(n, 1.0)) for n in names if "->" not in n}
         edges = {n: float(scores.get(n, 1.0)) for n in names if "->" in n}
@@ -83,16 +123,57 @@ class Circuit:
     def mlps(self) -> list[str]:
         return [c.name for c in self.components() if c.kind == "mlp"]
 
+    def neuron_layers(self) -> list[int]:
+        return sorted(self.neurons)
+
+    def layer_neurons(self, layer: int) -> list[int]:
+        """This circuit's single neurons in one MLP, sorted (a whole MLP in ``nodes`` is not expanded)."""
+        return sorted(self.neurons.get(layer, {}))
+
+    def n_neurons(self) -> int:
+        return sum(len(v) for v in self.neurons.values())
+
+    def neuron_names(self) -> list[str]:
+        return [f"m{l}.n{i}" for l in sorted(self.neurons) for i in sorted(self.neurons[l])]
+
+    def top_neurons(self, layer: int, share: float, end: str = "top") -> list[int]:
+        """The ``share`` of layer ``layer``'s neurons ranked best (``end='bottom'``: worst), in rank order:
+        by survival under iterative pruning (``extra['neuron_rank']``) when the circuit was found that
+        way, else by |score| from the discovery run's full scores (``extra['neuron_scores']``)."""
+        rank = (self.extra.get("neuron_rank") or {}).get(f"m{layer}")
+        table = (self.extra.get("neuron_scores") or {}).get(f"m{layer}")
+        if rank is not None:   # iterative pruning's survival order (rank 0 = best)
+            table = [-float(r) for r in rank]
+        if table is None:
+            raise KnoweditError(f"circuit {self.task.get('name')!r} has no scores for the neurons of m{layer} "
+                                "(extra.neuron_scores); only circuits written by `knowedit discover --level neuron` "
+                                "have them")
+        if not 0 < share <= 1:
+            raise KnoweditError(f"share: {share} must be in (0, 1]")
+        if end not in ("top", "bottom"):
+            raise KnoweditError(f"end: {end!r} must be 'top' or 'bottom'")
+        sign = -1 if end == "top" else 1
+        order = sorted(range(len(table)), key=lambda i: (sign * abs(table[i]), i))
+        return order[:max(1, round(share * len(table)))]
+
     def __len__(self) -> int:
-        return len(self.nodes) + len(self.edges)
+        return len(self.nodes) + len(self.edges) + self.n_neurons()
 
     def __contains__(self, name: str) -> bool:
-        return name in self.nodes or name in self.edges
+        if name in self.nodes or name in self.edges:
+            return True
+        c = C.parse(name)
+        return c.kind == "neuron" and c.index in self.neurons.get(c.layer, {})
 
     # ---- model identity ---------------------------------------------------------------------
     def check_model(self, handle) -> None:
         """Error unless this circuit was found on the model that ``handle`` holds."""
         mine, theirs = self.model, model_info(handle)
+        if self.neurons and mine.get("d_mlp") not in (None, theirs["d_mlp"]):
+            raise KnoweditError(
+                f"circuit: its neurons index MLPs {mine['d_mlp']} wide, but the loaded model's MLPs are "
+                f"{theirs['d_mlp']} wide; a neuron circuit only applies to the model it was found on "
+                "(rediscover it with `knowedit discover --level neuron`)")
         if (mine.get("architecture"), mine.get("n_layers"), mine.get("n_heads")) != (
                 theirs["architecture"], theirs["n_layers"], theirs["n_heads"]) or \
                 mine.get("fingerprint") != theirs["fingerprint"]:
@@ -107,23 +188,62 @@ class Circuit:
             raise KnoweditError(
                 f"circuits come from different models ({self.model.get('name')!r} vs {other.model.get('name')!r})")
 
-    def _derived(self, nodes: dict, edges: dict, op: str, other: "Circuit | None" = None) -> "Circuit":
+    def _derived(self, nodes: dict, edges: dict, op: str, other: "Circuit | None" = None,
+                 neurons: dict | None = None) -> "Circuit":
         task = {"name": f"{op}({self.task.get('name')}" + (f", {other.task.get('name')})" if other else ")")}
-        return Circuit(dict(self.model), task, {"name": op}, nodes, edges)
+        return Circuit(dict(self.model), task, {"name": op}, nodes, edges, neurons=neurons or {})
+
+    def _neuron_sets(self) -> dict[int, set[int]]:
+        """Neurons per layer with whole MLPs expanded (they hold every neuron of their layer)."""
+        d = self.model.get("d_mlp")
+        out = {l: set(v) for l, v in self.neurons.items()}
+        for m in self.mlps():
+            if d is None:
+                raise KnoweditError("circuit: its file does not record the MLP width (d_mlp), so whole MLPs cannot "
+                                    "be combined with single neurons; rediscover it with this knowedit")
+            out[C.parse(m).layer] = set(range(d))
+        return out
+
+    def _neuron_op(self, other: "Circuit", op) -> dict:
+        if not (self.neurons or other.neurons):
+            return {}
+        a, b = self._neuron_sets(), other._neuron_sets()
+        whole = {C.parse(m).layer for m in self.mlps()} | {C.parse(m).layer for m in other.mlps()}
+        out = {}
+        for l in set(a) | set(b):
+            keep = op(a.get(l, set()), b.get(l, set()))
+            if keep and not (l in whole and len(keep) == self.model.get("d_mlp")):
+                out[l] = {i: self.neurons.get(l, {}).get(i, other.neurons.get(l, {}).get(i, 1.0)) for i in keep}
+        return out
+
+    def _whole_mlp_op(self, other, nodes: dict, op) -> dict:
+        """Whole MLPs stay nodes only where the neuron-level result still holds the whole layer."""
+        if not (self.neurons or other.neurons):
+            return nodes
+        a, b = self._neuron_sets(), other._neuron_sets()
+        d = self.model.get("d_mlp")
+        out = {k: v for k, v in nodes.items() if C.parse(k).kind != "mlp"}
+        for l in set(a) | set(b):
+            if len(op(a.get(l, set()), b.get(l, set()))) == d:
+                out[f"m{l}"] = self.nodes.get(f"m{l}", other.nodes.get(f"m{l}", 0.0))
+        return out
 
     def union(self, other: "Circuit") -> "Circuit":
         self._same_model(other)
-        return self._derived({**other.nodes, **self.nodes}, {**other.edges, **self.edges}, "union", other)
+        nodes = self._whole_mlp_op(other, {**other.nodes, **self.nodes}, set.__or__)
+        return self._derived(nodes, {**other.edges, **self.edges}, "union", other, self._neuron_op(other, set.__or__))
 
     def intersection(self, other: "Circuit") -> "Circuit":
         self._same_model(other)
-        return self._derived({k: v for k, v in self.nodes.items() if k in other.nodes},
-                             {k: v for k, v in self.edges.items() if k in other.edges}, "intersection", other)
+        nodes = self._whole_mlp_op(other, {k: v for k, v in self.nodes.items() if k in other.nodes}, set.__and__)
+        return self._derived(nodes, {k: v for k, v in self.edges.items() if k in other.edges}, "intersection",
+                             other, self._neuron_op(other, set.__and__))
 
     def difference(self, other: "Circuit") -> "Circuit":
         self._same_model(other)
-        return self._derived({k: v for k, v in self.nodes.items() if k not in other.nodes},
-                             {k: v for k, v in self.edges.items() if k not in other.edges}, "difference", other)
+        nodes = self._whole_mlp_op(other, {k: v for k, v in self.nodes.items() if k not in other.nodes}, set.__sub__)
+        return self._derived(nodes, {k: v for k, v in self.edges.items() if k not in other.edges}, "difference",
+                             other, self._neuron_op(other, set.__sub__))
 
     __or__, __and__, __sub__ = union, intersection, difference
 
@@ -132,9 +252,13 @@ class Circuit:
         return [c.name for c in C.all_heads(n_l, n_h) + C.all_mlps(n_l)]
 
     def complement(self) -> "Circuit":
-        """Every head and MLP of the model that is not among this circuit's components."""
-        mine = {c.name for c in self.components()}
-        return self._derived({n: 0.0 for n in self.all_nodes() if n not in mine}, {}, "complement")
+        """Every head and MLP of the model that is not among this circuit's components; in an MLP where
+        the circuit holds single neurons, the rest of that MLP's neurons."""
+        mine = {c.name for c in self.components()} | {f"m{l}" for l in self.neurons}
+        d = self.model.get("d_mlp")
+        rest = {l: {i: 0.0 for i in range(d) if i not in v} for l, v in self.neurons.items()} if self.neurons else {}
+        return self._derived({n: 0.0 for n in self.all_nodes() if n not in mine}, {}, "complement",
+                             neurons={l: v for l, v in rest.items() if v})
 
     def random_like(self, seed: int = 0, same_layers: bool = False) -> "Circuit":
         """As many random heads and MLPs as this circuit has (per layer, with ``same_layers``)."""
@@ -151,7 +275,18 @@ class Circuit:
         else:
             chosen = [c.name for c in rng.sample(C.all_heads(n_l, n_h), len(heads))]
         chosen += [c.name for c in rng.sample(C.all_mlps(n_l), len(mlps))]
-        out = self._derived({n: 0.0 for n in chosen}, {}, "random_like")
+        neurons: dict[int, dict[int, float]] = {}
+        if self.neurons:
+            d = self.model["d_mlp"]
+            if same_layers:
+                for l in sorted(self.neurons):
+                    neurons[l] = {i: 0.0 for i in rng.sample(range(d), len(self.neurons[l]))}
+            else:
+                taken = {C.parse(m).layer for m in chosen if m.startswith("m")}
+                pool = [(l, i) for l in range(n_l) if l not in taken for i in range(d)]
+                for l, i in rng.sample(pool, self.n_neurons()):
+                    neurons.setdefault(l, {})[i] = 0.0
+        out = self._derived({n: 0.0 for n in chosen}, {}, "random_like", neurons=neurons)
         out.method.update({"seed": seed, "same_layers": same_layers})
         return out
 
@@ -167,11 +302,35 @@ class Circuit:
                 "share_of_a": len(inter) / len(a) if a else 0.0, "share_of_b": len(inter) / len(b) if b else 0.0}
 
     # ---- parameters ---------------------------------------------------------------------------
+    def weight_mask(self, handle):
+        """The element-level mask of a learned-mask circuit, read from its sidecar file (referenced in
+        ``extra['weight_mask']`` by file name and sha256, next to the circuit JSON)."""
+        from .weight_mask import WeightMask
+        entry = self.extra.get("weight_mask")
+        if not entry:
+            raise KnoweditError(f"circuit {self.task.get('name')!r} has no weight mask; only circuits written by "
+                                "`knowedit discover --method mask` have one")
+        self.check_model(handle)
+        folder = Path(self.source).parent if self.source else Path(".")
+        return WeightMask.load(folder / entry["file"], entry["sha256"], handle)
+
     def parameter_mask(self, handle, ports: str = PORTS, include_norms: bool = False,
                        mlp_neurons: dict | None = None) -> ParameterMask:
+        """Heads (their ``ports`` slices), whole MLPs and single neurons as parameter slices.
+        ``mlp_neurons={layer: indices}`` restricts those layers' MLPs to the given hidden units. A
+        learned weight-mask circuit gives its element-level mask (:meth:`weight_mask`)."""
+        if self.extra.get("weight_mask") and self.method.get("level") == "weight":
+            m = self.weight_mask(handle)
+            m.meta = {**m.meta, "circuit": self.task.get("name"), "method": self.method.get("name")}
+            return m
         self.check_model(handle)
         m = ParameterMask.from_components(handle, self.components(), ports=ports, include_norms=include_norms,
                                           mlp_neurons=mlp_neurons)
+        if self.neurons:
+            extra = {(l, i) for l, idx in self.neurons.items() for i in idx
+                     if mlp_neurons is None or l not in mlp_neurons or i in set(mlp_neurons[l])}
+            m = ParameterMask(handle, MaskUnits(m.units.heads, m.units.neurons | frozenset(extra), m.units.params,
+                                                m.units.ports))
         m.meta = {"circuit": self.task.get("name"), "method": self.method.get("name")}
         return m
 
@@ -183,6 +342,8 @@ class Circuit:
             "threshold": _r(self.threshold), "faithfulness": _r(self.faithfulness),
             "nodes": {k: _r(v) for k, v in sorted(self.nodes.items(), key=lambda kv: C.parse(kv[0]).sort_key())},
             "edges": {k: _r(v) for k, v in sorted(self.edges.items())},
+            "neurons": {f"m{l}": {"index": sorted(t), "score": [_r(t[i]) for i in sorted(t)]}
+                        for l, t in sorted(self.neurons.items())},
             "extra": self.extra,
         }
 
@@ -192,20 +353,21 @@ class Circuit:
     def save(self, path) -> Path:
         path = Path(path)
         atomic_write_text(path, self.to_json())
+        self.source = str(path)
         return path
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "circuit") -> "Circuit":
         if d.get("schema") != SCHEMA:
             raise KnoweditError(f"{source}: not a knowedit circuit file (schema {d.get('schema')!r})")
-        if d.get("schema_version") != SCHEMA_VERSION:
+        if d.get("schema_version") not in READABLE_VERSIONS:
             raise KnoweditError(f"{source}: schema_version {d.get('schema_version')} is not supported "
-                                f"(this knowedit reads version {SCHEMA_VERSION})")
+                                f"(this knowedit reads versions {', '.join(map(str, READABLE_VERSIONS))})")
         for key in ("model", "task", "method"):
             if not isinstance(d.get(key), dict):
                 raise KnoweditError(f"{source}: field {key!r} is missing or not an object")
         return cls(d["model"], d["task"], d["method"], d.get("nodes") or {}, d.get("edges") or {},
-                   d.get("threshold"), d.get("faithfulness"), d.get("extra") or {})
+                   d.get("threshold"), d.get("faithfulness"), d.get("extra") or {}, d.get("neurons") or {})
 
     @classmethod
     def load(cls, path, handle=None) -> "Circuit":
@@ -217,6 +379,7 @@ class Circuit:
         except json.JSONDecodeError as e:
             raise KnoweditError(f"{path}: not valid JSON ({e})") from None
         c = cls.from_dict(d, str(path))
+        c.source = str(path)
         if handle is not None:
             c.check_model(handle)
         return c

@@ -8,11 +8,12 @@ from .curves import mib_areas
 from .edge_attribution import edge_attribution_scores
 from .edge_evaluate import EdgeEvaluator
 from .evaluate import Evaluator
+from .neuron_discover import discover_neurons
 from .patching import patching_scores
 from .select import RANKINGS, greedy_prune, ranked, smallest_top_k
 
 METHODS = ("patching", "eap", "eap-ig")
-LEVELS = ("node", "edge")
+LEVELS = ("node", "edge", "neuron")
 
 
 PROTOCOLS = ("knowedit", "mib")
@@ -71,7 +72,8 @@ def default_ablation(method: str, ablation: str | None) -> str:
 def discover(handle, task, method: str = "eap", level: str | None = None, ablation: str | None = None,
              target: float = 0.8, prune: bool = True, top_k: int | None = None, rank: str = "abs",
              steps: int = 5, batch_size: int = 32, candidates: str = "heads", mib: bool = False,
-             protocol: str = "knowedit", eval_task=None, bos: bool | None = None, progress=None) -> Circuit:
+             protocol: str = "knowedit", eval_task=None, bos: bool | None = None, progress=None,
+             per_layer_k: int | None = None, selection: str = "global", verify: int = 20) -> Circuit:
     """Find the circuit ``handle``'s model uses for ``task``.
 
     Candidate nodes (every head, with the MLPs always kept, for ``candidates='heads'``; every head and
@@ -84,7 +86,12 @@ def discover(handle, task, method: str = "eap", level: str | None = None, ablati
     ``protocol='mib'`` follows MIB's circuit track: edges (the embedding's included) scored with
     counterfactual patching on ``task``, circuits pruned after top-n, and the curves (always measured)
     on ``eval_task`` (default: ``task`` split in two, the first half scoring, the second half curves).
-    ``bos`` runs the prompts with or without the model's BOS token (None: the model's convention)."""
+    ``bos`` runs the prompts with or without the model's BOS token (None: the model's convention).
+
+    ``level='neuron'`` scores every MLP neuron (``m7.n123``) with EAP or EAP-IG, heads always kept, and
+    selects globally (``top_k`` or the smallest top-k reaching ``target``) or per layer
+    (``selection='per-layer'``, ``per_layer_k``); ``verify`` top neurons are re-measured by exact
+    patching; ``eval_task`` gives the held-out faithfulness (see :func:`discover_neurons`)."""
     if method not in METHODS:
         raise KnoweditError(f"method: {method!r} is unknown; use one of {METHODS}")
     if protocol not in PROTOCOLS:
@@ -103,6 +110,9 @@ def discover(handle, task, method: str = "eap", level: str | None = None, ablati
         raise KnoweditError(f"rank: {rank!r} is unknown; use one of {RANKINGS}")
     ablation = default_ablation(method, ablation)
     task = task.with_bos(bos, handle.tokenizer)
+    if level == "neuron":
+        return discover_neurons(handle, task, method, ablation, target, top_k, per_layer_k, selection, prune,
+                                rank, steps, batch_size, verify, eval_task, progress)
     if level == "edge":
         if method == "patching":
             raise KnoweditError("method: 'patching' at level 'edge' would take one run per edge (over 100k on "

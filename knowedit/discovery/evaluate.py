@@ -131,5 +131,8 @@ def circuit_faithfulness(handle, circuit, task, batch_size: int = 32) -> float:
         from .edge_evaluate import EdgeEvaluator
         mib = m.get("protocol") == "mib"
         return EdgeEvaluator(handle, task, emb=mib, prune=mib, **common).faithfulness(circuit.edges)
+    if m.get("level") == "neuron":
+        from .neuron_evaluate import NeuronEvaluator
+        return NeuronEvaluator(handle, task, **common).faithfulness(circuit.neurons)
     ev = Evaluator(handle, task, candidates=m.get("candidates", "nodes"), **common)
     return ev.faithfulness(circuit.nodes)

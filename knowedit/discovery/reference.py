@@ -15,8 +15,9 @@ Two modes, recorded in every circuit's method settings:
   have the same token length); the default for EAP-IG, which integrates along that same path.
 
 Activations are head outputs before W_O (``z``, ``[B, T, n_heads, d_head]`` per layer), MLP
-outputs (``[B, T, d_model]`` per layer) and the embedding stream entering the first block
-(``emb``, token and position embeddings): the same places :mod:`knowedit.hooks` reads and writes."""
+outputs (``[B, T, d_model]`` per layer), the embedding stream entering the first block
+(``emb``, token and position embeddings) and, with ``neurons=True``, the MLP neurons (``neuron``,
+``[B, T, d_mlp]`` per layer): the same places :mod:`knowedit.hooks` reads and writes."""
 from __future__ import annotations
 
 import torch
@@ -29,19 +30,30 @@ MEANS = ("template", "length")
 
 
 def _layered(rec, n_layers):
-    return {"z": {l: rec.z[l] for l in range(n_layers)}, "mlp": {l: rec.mlp[l] for l in range(n_layers)},
-            "emb": {0: rec.resid[0]}}
+    out = {"z": {l: rec.z[l] for l in range(n_layers)}, "mlp": {l: rec.mlp[l] for l in range(n_layers)},
+           "emb": {0: rec.resid[0]}}
+    if rec.neurons:
+        out["neuron"] = {l: rec.neurons[l] for l in range(n_layers)}
+    return out
+
+
+def _recorded(handle, neurons: bool):
+    """What a reference records: every head and MLP, and every MLP's neurons when asked."""
+    comps = handle.all_heads() + handle.all_mlps()
+    return comps + [f"m{l}.n0" for l in range(handle.adapter.n_layers)] if neurons else comps
 
 
 class Reference:
     """Reference activations for a task's clean prompts, handed out batch by batch."""
 
-    def __init__(self, handle, task, mode: str = "mean", batch_size: int = 32, means: str = "template"):
+    def __init__(self, handle, task, mode: str = "mean", batch_size: int = 32, means: str = "template",
+                 neurons: bool = False):
         if mode not in MODES:
             raise KnoweditError(f"ablation: {mode!r} is unknown; use one of {MODES}")
         if means not in MEANS:
             raise KnoweditError(f"means: {means!r} is unknown; use one of {MEANS}")
         self.handle, self.task, self.mode, self.batch_size, self.means = handle, task, mode, batch_size, means
+        self.neurons = neurons
         self.n_layers = handle.adapter.n_layers
         if mode == "mean":
             self._means()
@@ -81,7 +93,7 @@ class Reference:
         texts = self.task.corrupt
         for i in range(0, len(texts), self.batch_size):
             batch = h.tokenize(texts[i:i + self.batch_size], bos=self.task.bos)
-            with record(h, resid=True) as rec:
+            with record(h, _recorded(h, self.neurons), resid=True) as rec:
                 h.forward(batch)
             acts = _layered(rec, self.n_layers)
             for b, L in enumerate(batch.lengths.tolist()):
@@ -102,7 +114,7 @@ class Reference:
         if self.mode == "patch":
             h = self.handle
             cb = h.tokenize(self.task.corrupt[start:start + B], bos=self.task.bos)
-            with torch.no_grad(), record(h, resid=True) as rec:
+            with torch.no_grad(), record(h, _recorded(h, self.neurons), resid=True) as rec:
                 h.forward(cb)
             out = _layered(rec, self.n_layers)
             return {k: {l: _pad(v, T) for l, v in d.items()} for k, d in out.items()}

@@ -1,4 +1,4 @@
-"""Zero and mean ablation of heads and MLPs."""
+"""Zero and mean ablation of heads, MLPs and MLP neurons."""
 from __future__ import annotations
 
 import contextlib
@@ -34,12 +34,13 @@ def mean_activations(handle, reference_prompts: Sequence[str], components: Itera
             handle.forward(batch)
         for c in comps:
             x = rec[c].to(torch.float32)
+            x = x.unsqueeze(-1) if c.kind == "neuron" else x   # [B, T] -> [B, T, 1], like the others
             s = x.sum(0) if per_position else (x * w).sum((0, 1))
             if per_position and c in sums and sums[c].shape != s.shape:
                 raise KnoweditError("reference_prompts: per_position means need prompts of equal token length")
             sums[c] = sums[c] + s if c in sums else s
         count += len(batch) if per_position else int(w.sum())
-    return {c: s / count for c, s in sums.items()}
+    return {c: (s / count).squeeze(-1) if c.kind == "neuron" else s / count for c, s in sums.items()}
 
 
 @contextlib.contextmanager
@@ -52,7 +53,8 @@ def ablate(handle, components: Iterable[str | Component], how: str = "mean",
     comps = handle.components(list(components))
     if how == "zero":
         a = handle.adapter
-        values = {c: torch.zeros(a.d_head if c.kind == "head" else a.d_model) for c in comps}
+        values = {c: torch.zeros(()) if c.kind == "neuron" else torch.zeros(a.d_head if c.kind == "head" else a.d_model)
+                  for c in comps}
     elif how == "mean":
         if reference is None:
             raise KnoweditError("reference: mean ablation needs reference prompts or precomputed means")

@@ -19,6 +19,8 @@ class Recording:
 
     * ``a{L}.h{H}``: head output before W_O, ``[B, T, d_head]`` (``z``)
     * ``m{L}``: MLP output, ``[B, T, d_model]``
+    * ``m{L}.n{i}``: one neuron (the down projection's input coordinate), ``[B, T]``; the whole layer's
+      neurons are in ``neurons[L]``, ``[B, T, d_mlp]``
     * ``emb``: embedding output; ``resid{L}``: residual stream entering layer L,
       ``resid{n_layers}`` the stream after the last layer (before the final norm).
     """
@@ -27,6 +29,7 @@ class Recording:
         self.handle = handle
         self.z: dict[int, torch.Tensor] = {}
         self.mlp: dict[int, torch.Tensor] = {}
+        self.neurons: dict[int, torch.Tensor] = {}
         self.resid: dict[int, torch.Tensor] = {}
         self.emb: torch.Tensor | None = None
 
@@ -38,6 +41,8 @@ class Recording:
             return self.z[c.layer][:, :, c.head]
         if c.kind == "mlp":
             return self.mlp[c.layer]
+        if c.kind == "neuron":
+            return self.neurons[c.layer][:, :, c.index]
         if c.kind == "emb":
             return self.emb
         raise KeyError(f"{key!r} is not recorded")
@@ -51,13 +56,15 @@ class Recording:
 @contextlib.contextmanager
 def record(handle, components: Iterable[str | Component] | None = None, resid: bool = False,
            detach: bool = True):
-    """Record the given components (default: every head and MLP) while the block runs.
+    """Record the given components (default: every head and MLP) while the block runs. Naming any
+    neuron of a layer records all of that layer's neurons (one hook per MLP).
 
     ``detach=False`` keeps the autograd graph, which attribution patching needs."""
     a = handle.adapter
     comps = handle.components(list(components)) if components is not None else handle.all_heads() + handle.all_mlps()
     head_layers = sorted({c.layer for c in comps if c.kind == "head"})
     mlp_layers = sorted({c.layer for c in comps if c.kind == "mlp"})
+    neuron_layers = sorted({c.layer for c in comps if c.kind == "neuron"})
     rec = Recording(handle)
     keep = (lambda t: t.detach()) if detach else (lambda t: t)
 
@@ -72,6 +79,11 @@ def record(handle, components: Iterable[str | Component] | None = None, resid: b
             rec.mlp[layer] = keep(out)
         return fn
 
+    def neuron_hook(layer):
+        def fn(mod, args):
+            rec.neurons[layer] = keep(args[0])
+        return fn
+
     def resid_hook(layer):
         def fn(mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
@@ -83,6 +95,8 @@ def record(handle, components: Iterable[str | Component] | None = None, resid: b
             hs.pre(a.o_proj(l), z_hook(l))
         for l in mlp_layers:
             hs.post(a.mlp(l), mlp_hook(l))
+        for l in neuron_layers:
+            hs.pre(a.mlp_out(l), neuron_hook(l))
         if any(c.kind == "emb" for c in comps):
             hs.post(a.embed, lambda m, args, out: setattr(rec, "emb", keep(out)))
         if resid:

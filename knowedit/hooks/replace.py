@@ -1,7 +1,8 @@
 """The one mechanism behind patching and ablation: overwrite chosen components' activations.
 
 Values broadcast against ``[B, T, d]``: a full ``[B, T, d]`` tensor (patching from another run),
-``[T, d]`` (per-position means) or ``[d]`` (a constant, e.g. a token mean or zeros)."""
+``[T, d]`` (per-position means) or ``[d]`` (a constant, e.g. a token mean or zeros). A neuron's value
+is ``[B, T]``, ``[T]`` or a scalar; all neurons of one MLP share one hook."""
 from __future__ import annotations
 
 import contextlib
@@ -13,20 +14,7 @@ import torch
 from ..errors import KnoweditError
 from ..models.components import Component
 from .hookset import HookSet
-
-
-def _position_mask(positions, B: int, T: int, device) -> torch.Tensor | None:
-    """``positions``: None (all), an int, a list of ints (same for every prompt), or a
-    LongTensor ``[B]`` (one position per prompt, e.g. each prompt's last token)."""
-    if positions is None:
-        return None
-    m = torch.zeros(B, T, dtype=torch.bool, device=device)
-    if isinstance(positions, torch.Tensor) and positions.dim() == 1 and positions.numel() == B:
-        m[torch.arange(B, device=device), positions.to(device)] = True
-    else:
-        pos = [positions] if isinstance(positions, int) else list(positions)
-        m[:, pos] = True
-    return m
+from .neurons import neuron_writes, position_mask
 
 
 def _fit(value: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -52,17 +40,20 @@ def _put(target: torch.Tensor, value: torch.Tensor, pmask: torch.Tensor | None) 
 
 @contextlib.contextmanager
 def replace_activations(handle, values: Mapping[str | Component, torch.Tensor], positions=None):
-    """Overwrite activations of heads (before W_O), MLPs (outputs) or ``emb`` while the block runs."""
+    """Overwrite activations of heads (before W_O), MLPs (outputs), neurons or ``emb`` while the block runs."""
     a = handle.adapter
     by_layer: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
     mlps: dict[int, torch.Tensor] = {}
+    neurons: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
     emb = None
     for key, val in values.items():
         c = handle.component(key)
         if not isinstance(c, Component) or c.kind == "logits" or c.port:
-            raise KnoweditError(f"component {key!r}: only heads, MLPs and 'emb' can be replaced")
+            raise KnoweditError(f"component {key!r}: only heads, MLPs, neurons and 'emb' can be replaced")
         if c.kind == "head":
             by_layer[c.layer][c.head] = val
+        elif c.kind == "neuron":
+            neurons[c.layer][c.index] = torch.as_tensor(val)
         elif c.kind == "mlp":
             mlps[c.layer] = val
         else:
@@ -73,7 +64,7 @@ def replace_activations(handle, values: Mapping[str | Component, torch.Tensor], 
             x = args[0]
             B, T = x.shape[:2]
             z = x.view(B, T, a.n_heads, a.d_head).clone()
-            pm = _position_mask(positions, B, T, x.device)
+            pm = position_mask(positions, B, T, x.device)
             for h, v in heads.items():
                 z[:, :, h] = _put(z[:, :, h], _fit(v, z[:, :, h], f"a{layer}.h{h}"), pm)
             return (z.view_as(x),) + tuple(args[1:])
@@ -81,11 +72,21 @@ def replace_activations(handle, values: Mapping[str | Component, torch.Tensor], 
 
     def out_hook(name, v):
         def fn(mod, args, out):
-            pm = _position_mask(positions, out.shape[0], out.shape[1], out.device)
+            pm = position_mask(positions, out.shape[0], out.shape[1], out.device)
             return _put(out, _fit(v, out, name), pm)
         return fn
 
-    with HookSet() as hs:
+    writes = {}
+    for layer, vals in neurons.items():
+        idx = sorted(vals)
+        try:
+            stacked = torch.stack(torch.broadcast_tensors(*[vals[i] for i in idx]), -1)
+        except RuntimeError:
+            raise KnoweditError(f"values for m{layer}'s neurons have shapes that do not broadcast together "
+                                f"({sorted({tuple(v.shape) for v in vals.values()})}); give each [B, T], [T] or a scalar") from None
+        writes[layer] = (idx, stacked)
+
+    with HookSet() as hs, neuron_writes(handle, writes, positions=positions):
         for layer, heads in by_layer.items():
             hs.pre(a.o_proj(layer), head_hook(layer, heads))
         for layer, v in mlps.items():

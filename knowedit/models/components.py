@@ -1,6 +1,7 @@
 """Component names shared by circuits, reports and the CLI.
 
-Nodes: ``a{L}.h{H}`` (attention head), ``m{L}`` (MLP), ``emb``, ``logits``.
+Nodes: ``a{L}.h{H}`` (attention head), ``m{L}`` (MLP), ``m{L}.n{i}`` (neuron i of that MLP: the down
+projection's input coordinate i, for gated MLPs the product act(gate)·up), ``emb``, ``logits``.
 Edges: ``src->dst`` where the destination may name a head input port,
 ``a9.h6.q`` / ``.k`` / ``.v``; e.g. ``a5.h3->m7`` or ``a5.h3->a9.h6.q``.
 """
@@ -11,16 +12,16 @@ from dataclasses import dataclass
 
 from ..errors import KnoweditError
 
-_NODE = re.compile(r"^(?:a(\d+)\.h(\d+)(?:\.([qkv]))?|m(\d+)|emb|logits)$")
+_NODE = re.compile(r"^(?:a(\d+)\.h(\d+)(?:\.([qkv]))?|m(\d+)(?:\.n(\d+))?|emb|logits)$")
 
 
 @dataclass(frozen=True, order=True)
 class Component:
     """One node of the computational graph. ``port`` is only set on head inputs."""
 
-    kind: str  # "head", "mlp", "emb", "logits"
+    kind: str  # "head", "mlp", "neuron", "emb", "logits"
     layer: int = -1
-    head: int = -1
+    head: int = -1    # the head, or the neuron's index for kind "neuron"
     port: str = ""
 
     @property
@@ -29,7 +30,14 @@ class Component:
             return f"a{self.layer}.h{self.head}" + (f".{self.port}" if self.port else "")
         if self.kind == "mlp":
             return f"m{self.layer}"
+        if self.kind == "neuron":
+            return f"m{self.layer}.n{self.head}"
         return self.kind
+
+    @property
+    def index(self) -> int:
+        """A neuron's index inside its MLP."""
+        return self.head
 
     def without_port(self) -> "Component":
         return Component(self.kind, self.layer, self.head) if self.port else self
@@ -42,6 +50,7 @@ class Component:
         order = {"emb": (-1, 0, 0), "logits": (10**9, 0, 0)}
         if self.kind in order:
             return order[self.kind]
+        # an MLP sorts before its own neurons (head = -1 for a whole MLP)
         return (self.layer, 0 if self.kind == "head" else 1, self.head)
 
 
@@ -70,15 +79,21 @@ def mlp(layer: int) -> Component:
     return Component("mlp", layer)
 
 
+def neuron(layer: int, i: int) -> Component:
+    return Component("neuron", layer, i)
+
+
 def parse_node(name: str) -> Component:
     m = _NODE.match(name.strip())
     if not m:
         raise KnoweditError(
             f"component {name!r} is not a valid name; use 'a{{L}}.h{{H}}' for a head, "
-            "'m{L}' for an MLP, 'emb' or 'logits' (e.g. 'a5.h3', 'm7')"
+            "'m{L}' for an MLP, 'm{L}.n{i}' for one MLP neuron, 'emb' or 'logits' (e.g. 'a5.h3', 'm7', 'm7.n123')"
         )
     if m.group(1) is not None:
         return Component("head", int(m.group(1)), int(m.group(2)), m.group(3) or "")
+    if m.group(5) is not None:
+        return Component("neuron", int(m.group(4)), int(m.group(5)))
     if m.group(4) is not None:
         return Component("mlp", int(m.group(4)))
     return Component(name.strip())
@@ -98,18 +113,26 @@ def parse(name: str) -> Component | Edge:
     return node
 
 
-def validate(item: Component | Edge | str, n_layers: int, n_heads: int) -> Component | Edge:
-    """Parse if needed and check layer and head indices against a model's shape."""
+def validate(item: Component | Edge | str, n_layers: int, n_heads: int, d_mlp: int | None = None) -> Component | Edge:
+    """Parse if needed and check layer, head and neuron indices against a model's shape (neuron
+    indices only when ``d_mlp`` is known)."""
     obj = parse(item) if isinstance(item, str) else item
     nodes = [obj.src, obj.dst] if isinstance(obj, Edge) else [obj]
     for c in nodes:
-        if c.kind in ("head", "mlp") and not 0 <= c.layer < n_layers:
+        if isinstance(obj, Edge) and c.kind == "neuron":
+            raise KnoweditError(f"edge {obj.name!r}: edges join heads, MLPs, emb and logits, not single neurons")
+        if c.kind in ("head", "mlp", "neuron") and not 0 <= c.layer < n_layers:
             raise KnoweditError(
                 f"component {c.name!r}: layer {c.layer} is out of range; this model has layers 0..{n_layers - 1}"
             )
         if c.kind == "head" and not 0 <= c.head < n_heads:
             raise KnoweditError(
                 f"component {c.name!r}: head {c.head} is out of range; this model has heads 0..{n_heads - 1} per layer"
+            )
+        if c.kind == "neuron" and d_mlp is not None and not 0 <= c.head < d_mlp:
+            raise KnoweditError(
+                f"component {c.name!r}: neuron {c.head} is out of range; this model's MLPs are {d_mlp} wide "
+                f"(neurons 0..{d_mlp - 1})"
             )
     if isinstance(obj, Edge) and obj.src.kind != "emb" and obj.dst.kind != "logits":
         if obj.src.sort_key() >= obj.dst.without_port().sort_key():

@@ -76,7 +76,7 @@ class ModelHandle:
 
     # ---- components -------------------------------------------------------------------------
     def component(self, name: str | C.Component | C.Edge) -> C.Component | C.Edge:
-        return C.validate(name, self.adapter.n_layers, self.adapter.n_heads)
+        return C.validate(name, self.adapter.n_layers, self.adapter.n_heads, self.adapter.d_mlp)
 
     def components(self, names: Sequence[str | C.Component]) -> list[C.Component]:
         out = []

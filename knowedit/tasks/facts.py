@@ -77,7 +77,8 @@ def facts_task(tokenizer, records=None, n: int = 50, seed: int = 0, name: str = 
         misaligned += len(encode(tokenizer, corrupt)) != n_clean
         start = r["prompt"].index(r["subject"])
         subj = span_positions(tokenizer, r["prompt"], [(start, start + len(r["subject"]))])
-        items.append((head, corrupt + head[len(r["prompt"]):], a, d, subj, r["relation"]))
+        items.append((head, corrupt + head[len(r["prompt"]):], a, d, subj, r["relation"],
+                      r["prompt"].replace(r["subject"], "{}", 1)))
     if not items:
         raise KnoweditError(f"task {name!r}: no fact has distinct answer and distractor first tokens "
                             f"({dropped} dropped); check the records or the data file")
@@ -86,7 +87,10 @@ def facts_task(tokenizer, records=None, n: int = 50, seed: int = 0, name: str = 
                 {"seed": seed, "n": len(items), "dropped": dropped, "source": source, "answer_tokens": "first",
                  "length_mismatch": misaligned,
                  "relations": sorted({i[5] for i in items})},
-                {"subject_last": [i[4] for i in items]}, templates=[i[5] for i in items])
+                {"subject_last": [i[4] for i in items]},
+                # means are grouped by the prompt's own wording, so position t lines up within a group
+                # (a relation of the published data has several wordings)
+                templates=[i[6] for i in items])
 
 
 

@@ -8,8 +8,8 @@ from .base import Task
 from .colored_objects import colored_objects_task
 from .colored_objects_data import load_bigbench, load_cobjs
 from .custom import custom_task
-from .facts import facts_task
-from .facts_data import load_facts
+from .facts import builtin_records, facts_task
+from .facts_data import fact_records
 from .ioi import ioi_task
 from .seqcont import seqcont_task
 from .seqcont_data import load_seqcont
@@ -55,11 +55,25 @@ def _build(name, tokenizer, n, seed, task_file, data_dir, **options) -> Task:
         root = Path(data_dir)
         root = root / "seqcont" if (root / "seqcont").is_dir() else root
         return load_seqcont(tokenizer, root, kind, n=n, **options)
+    relations = options.pop("relations", None)
     if data_dir is None:
-        return facts_task(tokenizer, n=n, seed=seed)
+        return facts_task(tokenizer, only_relations(builtin_records(), relations, "the built-in facts"), n=n, seed=seed)
     path = _find(data_dir, ["facts/known_1000.json", "known_1000.json", "counterfact/counterfact-edit.json",
                             "counterfact-edit.json"])
-    return load_facts(tokenizer, path, n=n, seed=seed)
+    return facts_task(tokenizer, only_relations(fact_records(path), relations, str(path)), n=n, seed=seed,
+                      source=str(path))
+
+
+def only_relations(records: list[dict], relations, source: str) -> list[dict]:
+    """The records of the named relations (all when ``relations`` is None)."""
+    if relations is None:
+        return records
+    have = sorted({r["relation"] for r in records})
+    unknown = [r for r in relations if r not in have]
+    if unknown:
+        shown = ", ".join(have[:12]) + (", ..." if len(have) > 12 else "")
+        raise KnoweditError(f"relations: {unknown} not in {source}; it has {shown}")
+    return [r for r in records if r["relation"] in set(relations)]
 
 
 def _find(data_dir, candidates) -> Path:
