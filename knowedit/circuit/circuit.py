@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -18,6 +19,8 @@ from ..errors import KnoweditError
 from ..models import components as C
 from ..models.cache import atomic_write_text
 from .mask import PORTS, MaskUnits, ParameterMask
+
+_NUMBER_LIST = re.compile(r"\[\s*(-?[0-9][-0-9.eE+]*(?:,\s*-?[0-9][-0-9.eE+]*)*)\s*\]")
 
 SCHEMA = "knowedit.circuit"
 SCHEMA_VERSION = 2
@@ -348,7 +351,9 @@ class Circuit:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=False)
+        # lists of plain numbers (neuron indices and scores: tens of thousands) on one line each
+        return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
 
     def save(self, path) -> Path:
         path = Path(path)

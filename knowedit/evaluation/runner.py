@@ -74,12 +74,18 @@ def run_suite(suite: Suite, out, handle=None, limit: int | None = None, data_pat
         handle = load_model(suite.model)
     editors = {e.name: (_editor_fn(e), _hparams(e, suite)) for e in suite.editors}
     circuit = load_circuit(suite.resolve(suite.circuit), handle) if suite.circuit else None
-    circuits = {c: condition_circuit(circuit, c, seed=suite.seed) for c in suite.conditions}
     masks = {}
-    for c, circ in circuits.items():
-        if circ is not None:
-            circ.save(out / "circuits" / f"{c}.json")
-        masks[c] = circ.parameter_mask(handle) if circ is not None else None
+    if circuit is not None and circuit.extra.get("weight_mask"):
+        # a learned weight mask: the controls are drawn element-wise (same count per matrix type)
+        from ..editing.masking import mask_conditions
+        allc = mask_conditions(handle, circuit.parameter_mask(handle), seed=suite.seed)
+        masks = {c: allc[c] for c in suite.conditions}
+    else:
+        circuits = {c: condition_circuit(circuit, c, seed=suite.seed) for c in suite.conditions}
+        for c, circ in circuits.items():
+            if circ is not None:
+                circ.save(out / "circuits" / f"{c}.json")
+            masks[c] = circ.parameter_mask(handle) if circ is not None else None
 
     ds = dict(suite.dataset)
     n = ds.get("n", 10) if limit is None else min(limit, ds.get("n", limit))

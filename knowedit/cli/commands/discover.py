@@ -152,7 +152,7 @@ def run(args):
         circuit = run_mask_cli(handle, task, {
             "granularity": args.granularity, "density": args.density, "mask_ablation": args.mask_ablation,
             "mask_steps": args.mask_steps, "mask_batch_size": args.mask_batch_size, "seed": args.seed,
-            "out": args.out, "checkpoint": args.checkpoint})
+            "out": args.out, "checkpoint": args.checkpoint, "progress": _mask_progress(args.mask_steps)})
         circuit.save(args.out)
         x = circuit.extra
         print(f"learned {args.granularity} mask for {task.name}: density {x['mask_density']:.4f} in {x['seconds']:.0f} s; "
@@ -171,3 +171,12 @@ def run(args):
     circuit.save(args.out)
     print(summary(circuit, args.show))
     print(f"\nwrote {args.out}")
+
+
+def _mask_progress(steps: int):
+    """One line every 10 steps: the loss, the expected density against its target, the task metric."""
+    def show(step, row):
+        if step % 10 == 0 or step == steps:
+            print(f"step {step}/{steps}: loss {row['loss']:.4f}, expected density {row['expected_density']:.4f} "
+                  f"(target {row['target_density']:.4f}), metric {row['metric']:.3f}, {row['seconds']:.0f} s", flush=True)
+    return show

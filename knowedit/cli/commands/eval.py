@@ -20,6 +20,8 @@ def run(args):
     from ...evaluation.suite import load_suite
     from ...report import build_report
 
+    if _is_study(args.suite):
+        return run_study_cli(args)
     suite = load_suite(args.suite)
     if args.model:
         suite.model = args.model
@@ -31,3 +33,29 @@ def run(args):
         print(f"report: {paths['report.html']}")
         if "summary.md" in paths:
             print(paths["summary.md"].read_text())
+
+
+def _is_study(path) -> bool:
+    """Suites with a ``study:`` field run a dedicated study (e.g. evals/granularity.yaml)."""
+    import yaml
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) if p.is_file() else None
+    except yaml.YAMLError:
+        return False   # load_suite reports the YAML error
+    return isinstance(data, dict) and "study" in data
+
+
+def run_study_cli(args):
+    from ...evaluation.granularity import load_study, run_study
+    from ...report.granularity import write_study_report
+
+    st = load_study(args.suite)
+    if args.model:
+        st.model = args.model
+    out = Path(args.out or Path("results") / st.name)
+    print(f"results: {run_study(st, out, limit=args.limit, data_path=args.data)}")
+    if not args.no_report:
+        paths = write_study_report(out)
+        print(paths["table.md"].read_text())
+        print(f"plot: {paths['plot.png']}")
