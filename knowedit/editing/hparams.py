@@ -142,7 +142,12 @@ def _coerce(field: str, value, default, source: str):
 def _merge(hp: dict, defaults: dict, data: dict, method: str, source: str, notes: list) -> None:
     known = set(defaults)
     for field, value in data.items():
-        if field in known:
+        if field == "layers" and isinstance(value, str) and value.strip().lower() == "auto":
+            if method not in ("rome", "memit"):
+                raise KnoweditError(f"hparams {source}: layers 'auto' (the edit layer from a causal trace) exists for "
+                                    f"rome and memit only; give {method} a list of layers")
+            hp[field] = "auto"
+        elif field in known:
             default = defaults[field]
             if field == "norm_constraint" and value is False:  # EasyEdit's "no constraint"
                 value = None

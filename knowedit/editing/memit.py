@@ -58,7 +58,8 @@ def memit_targets(handle, requests: list, hparams: dict) -> tuple[list[torch.Ten
     while trying other λ (mom2_update_weight) or lower layers."""
     from tqdm.auto import tqdm
 
-    hp = {**MEMIT_DEFAULTS, **(hparams or {})}
+    from .auto_layers import resolve
+    hp, _ = resolve(handle, requests, {**MEMIT_DEFAULTS, **(hparams or {})}, "memit")
     a = handle.adapter
     top = max(layer_list(hp, a.n_layers))
     ctx = prefixes(handle, hp)
@@ -77,7 +78,8 @@ def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "r
     ``targets``: the output of :func:`memit_targets` for these requests and the same top layer."""
     from tqdm.auto import tqdm
 
-    hp = {**MEMIT_DEFAULTS, **(hparams or {})}
+    from .auto_layers import resolve
+    hp, auto = resolve(handle, requests, {**MEMIT_DEFAULTS, **(hparams or {})}, "memit", mask)
     a = handle.adapter
     if hp.get("fact_token", "subject_last") != "subject_last":
         raise KnoweditError(f"hparams: field 'fact_token' = {hp['fact_token']!r}; only 'subject_last' is supported")
@@ -138,4 +140,6 @@ def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "r
     meta = {"layers": [l for l, _ in sites], "neurons": {l: (None if n is None else len(n)) for l, n in sites},
             "covariance": {l: s.source for l, s in stats.items()},
             "covariance_tokens": {l: s.n_tokens for l, s in stats.items()}, "requests": infos, "mode": mode}
+    if auto is not None:
+        meta["auto_layers"] = auto
     return Edit(handle, finals, "memit", meta).apply()

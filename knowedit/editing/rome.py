@@ -125,7 +125,8 @@ def compute_rome(handle, req, hp: dict, layer: int, neurons, C: torch.Tensor, op
 
 def apply_rome(handle, requests: list, hparams: dict, mask=None, mode: str = "restrict") -> Edit:
     """Apply ROME for each request in turn; returns the applied Edit (nothing changes on failure)."""
-    hp = {**ROME_DEFAULTS, **(hparams or {})}
+    from .auto_layers import resolve
+    hp, auto = resolve(handle, requests, {**ROME_DEFAULTS, **(hparams or {})}, "rome", mask)
     opts = check_hparams(hp, handle.adapter.n_layers)
     if len(opts["layers"]) != 1:
         raise KnoweditError(f"hparams: field 'layers' = {opts['layers']}; ROME edits exactly one layer "
@@ -151,4 +152,6 @@ def apply_rome(handle, requests: list, hparams: dict, mask=None, mode: str = "re
             params[name].copy_(original)
     meta = {"layer": layer, "neurons": None if neurons is None else len(neurons), "covariance": stats.source,
             "covariance_tokens": stats.n_tokens, "variant": opts["variant"], "requests": infos, "mode": mode}
+    if auto is not None:
+        meta["auto_layers"] = auto
     return Edit(handle, {name: final}, "rome", meta).apply()

@@ -23,8 +23,9 @@ NOTES = {
 def build_report(results_dir, out=None, title: str | None = None) -> dict[str, Path]:
     """Write ``tables/*.{csv,md,tex}`` and ``report.html`` under ``out`` (default: the results dir).
 
-    Optional inputs in the results dir: ``circuits/*.json`` (heatmaps) and ``attention.json``
-    (a list of ``{"head", "tokens", "before", "after"}`` for steered heads)."""
+    Optional inputs in the results dir: ``circuits/*.json`` (heatmaps), ``attention.json``
+    (a list of ``{"head", "tokens", "before", "after"}`` for steered heads) and ``traces/`` (the output
+    of ``knowedit trace``: causal-trace heatmaps)."""
     results_dir = Path(results_dir)
     out = Path(out) if out else results_dir
     records, meta = load_results(results_dir)
@@ -64,6 +65,14 @@ def build_report(results_dir, out=None, title: str | None = None) -> dict[str, P
         items = json.loads(att.read_text())
         sections.append(("Attention of steered heads, before and after",
                          "".join(img(plots.attention_before_after(it), it.get("head", "head")) for it in items)))
+    traced = sorted((results_dir / "traces").glob("*.json")) if (results_dir / "traces").is_dir() else []
+    traced = [t for t in traced if t.name != "summary.json"]
+    if traced:   # `knowedit trace --out RESULTS/traces`
+        from ..discovery.causal_trace import TraceResult
+        from ..discovery.trace_summary import aggregate
+        from .traces import trace_sections
+        trs = [TraceResult.from_dict(json.loads(t.read_text())) for t in traced]
+        sections.extend(trace_sections(trs, aggregate(trs)))
     gens = [r for r in records if r.get("generation")]
     if gens:
         rows = "".join(
