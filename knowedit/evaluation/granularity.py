@@ -150,8 +150,8 @@ def run_study(st: Study, out: Path, handle=None, limit: int | None = None, data_
     param = dict(h.model.named_parameters())[name]
     original = param.detach().clone()
     d_mlp = h.adapter.d_mlp
-    meta = {"study": "restricted-edits", "layer": layer, "records": len(recs), "shares": st.shares,
-            "selections": st.selections, "relations": sorted(circuits), "collateral_tasks": sorted(tasks),
+    meta = {"study": "restricted-edits", "layer": layer, "d_mlp": d_mlp, "records": len(recs), "shares": st.shares,
+            "selections": st.selections, "relations": sorted(circuits), "collateral_tasks": sorted(tasks), "collateral_records": col.get("records", 0),
             "collateral_before": before, "variant": opts["variant"]}
     (out / "study.json").write_text(json.dumps(meta, indent=1) + "\n")
     if progress:

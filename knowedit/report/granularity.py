@@ -43,10 +43,12 @@ def write_study_report(out: Path) -> dict:
     df.to_csv(out / "table.csv", index=False)
     shown = df.rename(columns={"es": "ES", "ps": "PS", "ns": "NS", "dw_norm": "‖ΔW‖", "n_neurons": "neurons"})
     shown["share"] = (shown["share"] * 100).map(lambda x: f"{x:g}%")
-    head = (f"ROME at layer {meta.get('layer')} restricted to a share of its {meta.get('d_mlp', '')} neurons "
+    width = meta.get("d_mlp") or (int(df["n_neurons"].max()) if len(df) else "")
+    head = (f"ROME at layer {meta.get('layer')} restricted to a share of its {width} neurons "
             f"(CounterFact probability protocol, {int(df['records'].max()) if len(df) else 0} known records; "
             "top = the relation circuit's best-scored neurons, bottom = its worst, random = same count at random; "
-            "task deltas on the first records only)\n\n")
+            "NS over the edits that were made; a refused edit scores 0 ES and PS; task deltas on the first "
+            f"{meta.get('collateral_records', 'few')} records only)\n\n")
     (out / "table.md").write_text(head + to_markdown(shown.round(3)) + "\n")
     plot(rows, out / "plot.png")
     return {"table.md": out / "table.md", "table.csv": out / "table.csv", "plot.png": out / "plot.png"}
