@@ -21,6 +21,8 @@ PROTOCOLS = ("knowedit", "mib")
 
 def task_info(task, handle) -> dict:
     meta = {k: v for k, v in task.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    if isinstance(task.meta.get("relations"), list):   # which relations a facts task drew from
+        meta["relations"] = sorted(map(str, task.meta["relations"]))
     # after the generator's meta: a split task (the MIB protocol) has fewer prompts than it generated
     return {"name": task.name, "metric": task.metric, **{k: meta[k] for k in sorted(meta)}, "n": len(task),
             "bos": handle.uses_bos(task.bos)}
