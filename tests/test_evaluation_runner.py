@@ -107,6 +107,10 @@ def test_suite_errors_name_the_field(tmp_path):
 
 def test_shipped_suites_parse():
     from pathlib import Path
+    import yaml
+
+    from knowedit.evaluation.granularity import load_study
     root = Path(__file__).resolve().parents[1] / "evals"
-    names = {load_suite(p).name for p in root.glob("*.yaml")}
-    assert {"editors_x_masks", "collateral"} <= names
+    names = {(load_study(p) if "study" in yaml.safe_load(p.read_text()) else load_suite(p)).name
+             for p in root.glob("*.yaml")}
+    assert {"editors_x_masks", "collateral", "granularity"} <= names
