@@ -44,20 +44,14 @@ def maskable_params(handle) -> list[MaskableParam]:
         norm_mods = [a.ln_attn(l)] + ([a.ln_mlp(l)] if a.ln_mlp(l) is not None else [])
         for m in norm_mods:
             out += _typed(handle, m, "norm", "norm", l)
-        o = a.o_proj(l)
-        for mod in a.attn(l).modules():
-            if id(mod) in seen or not list(mod.parameters(recurse=False)):
-                continue
-            seen.add(id(mod))
-            leaf = next(n for n, m in a.attn(l).named_modules() if m is mod).rsplit(".", 1)[-1]
-            out += _typed(handle, mod, "attention", "o" if mod is o else _LEAF_TYPES.get(leaf, leaf), l)
-        down = a.mlp_out(l)
-        for mod in a.mlp(l).modules():
-            if id(mod) in seen or not list(mod.parameters(recurse=False)):
-                continue
-            seen.add(id(mod))
-            leaf = next(n for n, m in a.mlp(l).named_modules() if m is mod).rsplit(".", 1)[-1]
-            out += _typed(handle, mod, "mlp", "down" if mod is down else _LEAF_TYPES.get(leaf, leaf), l)
+        for block, kind, last, last_type in ((a.attn(l), "attention", a.o_proj(l), "o"),
+                                             (a.mlp(l), "mlp", a.mlp_out(l), "down")):
+            for name, mod in block.named_modules():
+                if id(mod) in seen or not list(mod.parameters(recurse=False)):
+                    continue
+                seen.add(id(mod))
+                leaf = name.rsplit(".", 1)[-1]
+                out += _typed(handle, mod, kind, last_type if mod is last else _LEAF_TYPES.get(leaf, leaf), l)
     out += _typed(handle, a.ln_final, "norm", "norm", None)
     return out
 
