@@ -16,14 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rome import hparams, known_records, scores  # noqa: E402
 
 from knowedit import load_model  # noqa: E402
 from knowedit.editing import read_requests  # noqa: E402
 from knowedit.editing.covariance import KeyStats, collect, corpus_ids, key_stats, settings  # noqa: E402
+from knowedit.editing.edit import Edit  # noqa: E402
 from knowedit.editing.errors import EditRefused  # noqa: E402
 from knowedit.editing.rome import check_hparams, key_and_delta, rome_update  # noqa: E402
 
@@ -71,9 +70,7 @@ def main():
     recs = known_records(h, args.n)
     print(f"{len(recs)} known records; layer {layer}; contexts {hp['context_template_length_params']}; "
           f"covariances {[(k, n) for k, (_, n) in covs.items()]}; {len(done)} already in {out}", flush=True)
-    name = h.adapter.name_of(h.adapter.mlp_out(layer).weight)
-    param = dict(h.model.named_parameters())[name]
-    original = param.detach().clone()
+    original = h.adapter.mlp_out(layer).weight.detach().clone()
     for i, r in enumerate(recs):
         case = str(r.get("case_id", i))
         if case in done:
@@ -87,16 +84,12 @@ def main():
             for label, (C, n) in covs.items():
                 res = {"variant": v, "tokens": label, "n_tokens": n}
                 try:
-                    _, new = rome_update(h, req, layer, None, C, {**opts, "variant": v}, k_mean, k_plain, delta, dict(info))
-                    with torch.no_grad():
-                        param.copy_(new)
-                    s = scores(h, [r])
+                    name, new = rome_update(h, req, layer, None, C, {**opts, "variant": v}, k_mean, k_plain, delta, dict(info))
+                    with Edit(h, {name: new}, "rome"):
+                        s = scores(h, [r])
                     res.update({k: float(x[0]) for k, x in s.items()}, dw_norm=float((new.double() - original.double()).norm()))
                 except EditRefused as e:
                     res.update(efficacy=0.0, paraphrase=0.0, neighbourhood=0.0, refused=str(e)[:200])
-                finally:
-                    with torch.no_grad():
-                        param.copy_(original)
                 line["results"].append(res)
         with out.open("a") as f:
             f.write(json.dumps(line) + "\n")

@@ -10,7 +10,8 @@ from ..circuit.circuit import Circuit, _r, model_info
 from ..errors import KnoweditError
 from .neuron_attribution import exact_neuron_scores, neuron_attribution_scores
 from .neuron_evaluate import NeuronEvaluator
-from .neuron_select import SELECTIONS, as_layers, flat_order, iterative_prune, per_layer_top, refine, smallest_top_k
+from .neuron_select import SELECTIONS, as_layers, flat_order, iterative_prune, per_layer_top, refine
+from .select import smallest_top_k
 
 NEURON_METHODS = ("eap", "eap-ig")
 
@@ -61,12 +62,13 @@ def discover_neurons(handle, task, method: str = "eap", ablation: str = "mean", 
     scores = neuron_attribution_scores(ev, method, steps=steps, progress=progress)
     t_scores = time.perf_counter() - t0
     order = flat_order(scores, rank)
-    history = None
+    history = f = None
     if selection == "iterative":
         if target is None:
             raise KnoweditError("target: selection 'iterative' prunes down to a faithfulness target; give one")
-        members, _, history, survival = iterative_prune(
-            ev, lambda keep: neuron_attribution_scores(ev, method, steps=steps, keep=keep), target, progress=progress)
+        members, f, history, survival = iterative_prune(
+            ev, lambda keep: neuron_attribution_scores(ev, method, steps=steps, keep=keep), target, progress=progress,
+            initial=scores)
         how = "iterative pruning: re-scored in the pruned network, the weakest 30% dropped per round, the last round bisected"
     elif selection == "per-layer":
         members = per_layer_top(scores, per_layer_k, rank)
@@ -80,10 +82,11 @@ def discover_neurons(handle, task, method: str = "eap", ablation: str = "mean", 
             raise KnoweditError(f"top_k: {top_k} is outside 1..{len(order)} (the model's MLP neurons)")
         members, how = order[:top_k], f"global top-{top_k}"
     else:
-        k, _ = smallest_top_k(ev, order, target, progress)
+        k, f = smallest_top_k(ev, order.tolist(), target, progress)
         members, how = order[:k], "smallest global top-k reaching target"
     k_top = len(members)
-    f = ev.faithfulness(members.tolist())
+    if f is None:
+        f = ev.faithfulness(members.tolist())
     if prune and target is not None and f >= target and selection != "iterative":
         members, f = refine(ev, members, target, progress=progress)
         how += ", then greedy refinement (blocks of the weakest dropped while faithfulness >= target)"

@@ -42,11 +42,10 @@ class NeuronEvaluator(Evaluator):
             for l, idx in selection.items():
                 if not 0 <= int(l) < self.n_layers:
                     raise KnoweditError(f"neurons: layer {l} is out of range 0..{self.n_layers - 1}")
-                idx = torch.as_tensor(list(idx) if not isinstance(idx, torch.Tensor) else idx, dtype=torch.long)
-                if idx.dtype == torch.bool:
+                if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
                     out[int(l)] = idx.clone()
                 else:
-                    out[int(l)][idx] = True
+                    out[int(l)][torch.as_tensor(list(idx), dtype=torch.long)] = True
             return out
         flat = torch.as_tensor(list(selection), dtype=torch.long)
         m = torch.zeros(self.n_layers * self.d_mlp, dtype=torch.bool)

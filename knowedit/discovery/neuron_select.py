@@ -1,5 +1,5 @@
-"""Choosing MLP neurons from their scores: global top-k, per-layer top-k, the smallest global top-k
-reaching a target faithfulness, greedy refinement (drop blocks of the weakest members while
+"""Choosing MLP neurons from their scores: global top-k, per-layer top-k (the smallest global top-k
+reaching a target is :func:`~knowedit.discovery.select.smallest_top_k` on flat indices), greedy refinement (drop blocks of the weakest members while
 faithfulness stays at or above the target), and iterative pruning (re-score in the pruned network,
 drop the weakest share, repeat)."""
 from __future__ import annotations
@@ -28,25 +28,6 @@ def per_layer_top(scores: torch.Tensor, k: int, rank: str = "abs") -> torch.Tens
     return (idx + torch.arange(L).unsqueeze(1) * d).flatten()
 
 
-def smallest_top_k(ev, order: torch.Tensor, target: float, progress=None) -> tuple[int, float]:
-    """Binary search for the smallest k whose global top-k reaches ``target`` (treating faithfulness as
-    monotone in k). About log2(46,080) ≈ 16 evaluations on the default model."""
-    lo, hi = 0, len(order)
-    seen = {hi: 1.0}
-    bar = progress(total=max(1, len(order).bit_length()), desc="top-k search") if progress else None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        seen[mid] = ev.faithfulness(order[:mid].tolist())
-        hi, lo = (mid, lo) if seen[mid] >= target else (hi, mid + 1)
-        if bar:
-            bar.update(1)
-    if bar:
-        bar.close()
-    if hi not in seen or hi == len(order):
-        seen[hi] = ev.faithfulness(order[:hi].tolist())
-    return hi, seen[hi]
-
-
 def refine(ev, members: torch.Tensor, target: float, rounds: int = 2, progress=None) -> tuple[torch.Tensor, float]:
     """Greedy refinement: walk the members from the weakest up in blocks (an eighth of the circuit,
     halved each round), dropping a block when faithfulness stays >= ``target``. ``members`` is in
@@ -59,7 +40,7 @@ def refine(ev, members: torch.Tensor, target: float, rounds: int = 2, progress=N
         steps = range(start, 0, -block)
         for end in (progress(steps, desc=f"refine (blocks of {block})") if progress else steps):
             lo = max(0, end - block)
-            trial = torch.cat([keep[:lo], keep[end:]]) if end <= len(keep) else keep[:lo]
+            trial = torch.cat([keep[:lo], keep[end:]])
             if len(trial) == 0:
                 continue
             ft = ev.faithfulness(trial.tolist())
@@ -79,14 +60,15 @@ def as_layers(flat: torch.Tensor, d_mlp: int) -> dict[int, list[int]]:
 
 
 def iterative_prune(ev, score_fn, target: float, fraction: float = 0.3, max_rounds: int = 40,
-                    progress=None) -> tuple[torch.Tensor, float, list[dict], torch.Tensor]:
+                    progress=None, initial: torch.Tensor | None = None) -> tuple[torch.Tensor, float, list[dict], torch.Tensor]:
     """Iterative attribution pruning: score the neurons still kept *in the network pruned so far*
     (``score_fn(keep) -> [n_layers, d_mlp]``), drop the weakest ``fraction`` of them, and repeat while
     faithfulness stays >= ``target``; the last, failing step is bisected so as few neurons as possible
     stay. One gradient pass and a few evaluations per round, so a 5% circuit of 46,080 neurons takes
     about nine rounds. Returns (kept flat indices, best first by the last scores; faithfulness; history;
     the survival order of every neuron, flat indices best first: kept ones, then the latest dropped,
-    within a round by |score| when dropped)."""
+    within a round by |score| when dropped). ``initial``: the scores of the unpruned network, when the
+    caller has them already (the first round's)."""
     if not 0 < fraction < 1:
         raise KnoweditError(f"fraction: {fraction} must be in (0, 1)")
     L, d = ev.n_layers, ev.d_mlp
@@ -96,7 +78,8 @@ def iterative_prune(ev, score_fn, target: float, fraction: float = 0.3, max_roun
     dropped_round = torch.full((L * d,), max_rounds + 1, dtype=torch.long)
     dropped_score = torch.zeros(L * d, dtype=torch.float64)
     for rnd in (progress(range(max_rounds), desc="iterative pruning") if progress else range(max_rounds)):
-        scores = score_fn({l: keep.view(L, d)[l] for l in range(L)}).flatten()
+        scores = (initial if rnd == 0 and initial is not None
+                  else score_fn({l: keep.view(L, d)[l] for l in range(L)})).flatten()
         last_scores = scores
         dropped_score[keep] = scores[keep].abs().double()
         kept = keep.nonzero().flatten()

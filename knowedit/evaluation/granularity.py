@@ -123,10 +123,10 @@ def neuron_sets(circuit: Circuit, layer: int, share: float, selection: str, d_ml
 
 def run_study(st: Study, out: Path, handle=None, limit: int | None = None, data_path=None, progress=True) -> Path:
     from ..editing.covariance import key_stats
+    from ..editing.edit import Edit
     from ..editing.errors import EditRefused
     from ..editing.hparams import load_hparams
     from ..editing.rome import check_hparams, key_and_delta, rome_update
-    from ..editing.request import EditRequest  # noqa: F401  (records are EditRequests)
     from ..models import load_model
 
     h = handle or load_model(st.model)
@@ -146,9 +146,7 @@ def run_study(st: Study, out: Path, handle=None, limit: int | None = None, data_
     tasks = {t: build_task(t, h.tokenizer, n=col.get("n", 24), seed=st.seed) for t in col.get("tasks", [])}
     before = task_scores(h, tasks) if tasks else {}
     C = key_stats(h, [layer], hp)[layer].regularised(opts["ridge"])
-    name = h.adapter.name_of(h.adapter.mlp_out(layer).weight)
-    param = dict(h.model.named_parameters())[name]
-    original = param.detach().clone()
+    original = h.adapter.mlp_out(layer).weight.detach().clone()
     d_mlp = h.adapter.d_mlp
     meta = {"study": "restricted-edits", "layer": layer, "d_mlp": d_mlp, "records": len(recs), "shares": st.shares,
             "selections": st.selections, "relations": sorted(circuits), "collateral_tasks": sorted(tasks), "collateral_records": col.get("records", 0),
@@ -171,27 +169,21 @@ def run_study(st: Study, out: Path, handle=None, limit: int | None = None, data_
                 S = neuron_sets(circuits[rel], layer, share, sel, d_mlp, rng)
                 r = {"share": share, "selection": sel, "n_neurons": len(S)}
                 try:
-                    _, new = rome_update(h, req, layer, None if len(S) == d_mlp else S, C, opts, k_mean, k_plain,
-                                         delta, dict(info))
-                    with torch.no_grad():
-                        param.copy_(new)
-                    m = evaluate_requests(h, [req])[0].metrics
-                    r.update(es=m.get("cf_es"), ps=m.get("cf_ps"), ns=m.get("cf_ns"),
-                             dw_norm=float((new.double() - original.double()).norm()))
-                    if with_col:
-                        r.update(collateral_metrics(before, task_scores(h, tasks)))
+                    name, new = rome_update(h, req, layer, None if len(S) == d_mlp else S, C, opts, k_mean, k_plain,
+                                            delta, dict(info))
+                    with Edit(h, {name: new}, "rome"):   # applied for the scoring, undone bit-exactly after
+                        m = evaluate_requests(h, [req])[0].metrics
+                        r.update(es=m.get("cf_es"), ps=m.get("cf_ps"), ns=m.get("cf_ns"),
+                                 dw_norm=float((new.double() - original.double()).norm()))
+                        if with_col:
+                            r.update(collateral_metrics(before, task_scores(h, tasks)))
                 except EditRefused as e:
                     r.update(es=0.0, ps=0.0, ns=None, refused=str(e)[:160])
-                finally:
-                    with torch.no_grad():
-                        param.copy_(original)
                 line["results"].append(r)
         with res.open("a") as f:
             f.write(json.dumps(line) + "\n")
         if progress:
             print(f"[{n + 1}/{len(recs)}] case {case} ({rel}) in {time.perf_counter() - t0:.1f} s", flush=True)
-    if not torch.equal(param.detach(), original):
-        raise RuntimeError("the edit layer was left changed")  # cannot happen: every update is undone above
     return res
 
 

@@ -7,7 +7,6 @@ the MLP adds to the residual stream through those neurons, nothing else."""
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from typing import Mapping
 
 import torch
@@ -17,17 +16,6 @@ from ..models.components import Component
 from .hookset import HookSet
 
 HOWS = ("set", "add", "scale")
-
-
-def by_layer(handle, names) -> dict[int, list[int]]:
-    """``{layer: sorted neuron indices}`` for neuron names or Components."""
-    out: dict[int, set[int]] = defaultdict(set)
-    for n in names:
-        c = handle.component(n)
-        if not isinstance(c, Component) or c.kind != "neuron":
-            raise KnoweditError(f"component {n!r} is not a neuron; neuron names look like 'm7.n123'")
-        out[c.layer].add(c.index)
-    return {l: sorted(v) for l, v in sorted(out.items())}
 
 
 def _fit(value: torch.Tensor, like: torch.Tensor, k: int, what: str) -> torch.Tensor:
@@ -96,20 +84,35 @@ def neuron_writes(handle, writes: Mapping[int, tuple], how: str = "set", positio
         yield
 
 
+def grouped(values: Mapping[Component, torch.Tensor]) -> dict[int, tuple[list[int], torch.Tensor]]:
+    """``{layer: (indices, values [..., k])}`` from per-neuron values (``[B, T]``, ``[T]`` or scalars, broadcast
+    together per MLP): the form :func:`neuron_writes` takes."""
+    per_layer: dict[int, dict[int, torch.Tensor]] = {}
+    for c, v in values.items():
+        per_layer.setdefault(c.layer, {})[c.index] = torch.as_tensor(v)
+    out = {}
+    for layer, vals in per_layer.items():
+        idx = sorted(vals)
+        try:
+            out[layer] = (idx, torch.stack(torch.broadcast_tensors(*[vals[i] for i in idx]), -1))
+        except RuntimeError:
+            raise KnoweditError(f"values for m{layer}'s neurons have shapes that do not broadcast together "
+                                f"({sorted({tuple(v.shape) for v in vals.values()})}); give each [B, T], [T] or a "
+                                "scalar") from None
+    return out
+
+
 @contextlib.contextmanager
 def steer_neurons(handle, values: Mapping[str | Component, float | torch.Tensor], how: str = "add", positions=None):
     """Steer single neurons: ``{"m7.n123": 4.0}`` adds 4 to that neuron (``how='add'``), sets it
     (``'set'``) or multiplies it (``'scale'``) at ``positions`` (default: every position)."""
-    per_layer: dict[int, tuple[list[int], list]] = defaultdict(lambda: ([], []))
+    comps = {}
     for name, v in values.items():
         c = handle.component(name)
         if not isinstance(c, Component) or c.kind != "neuron":
             raise KnoweditError(f"values: {name!r} is not a neuron; neuron steering takes names like 'm7.n123'")
-        per_layer[c.layer][0].append(c.index)
-        per_layer[c.layer][1].append(torch.as_tensor(v, dtype=torch.float32))
-    writes = {l: (idx, torch.stack([torch.broadcast_to(v, torch.broadcast_shapes(*[x.shape for x in vs]))
-                                    for v in vs], -1)) for l, (idx, vs) in per_layer.items()}
-    with neuron_writes(handle, writes, how=how, positions=positions):
+        comps[c] = torch.as_tensor(v, dtype=torch.float32)
+    with neuron_writes(handle, grouped(comps), how=how, positions=positions):
         yield
 
 

@@ -14,7 +14,7 @@ import torch
 from ..errors import KnoweditError
 from ..models.components import Component
 from .hookset import HookSet
-from .neurons import neuron_writes, position_mask
+from .neurons import grouped, neuron_writes, position_mask
 
 
 def _fit(value: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -44,7 +44,7 @@ def replace_activations(handle, values: Mapping[str | Component, torch.Tensor], 
     a = handle.adapter
     by_layer: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
     mlps: dict[int, torch.Tensor] = {}
-    neurons: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
+    neurons: dict[Component, torch.Tensor] = {}
     emb = None
     for key, val in values.items():
         c = handle.component(key)
@@ -53,7 +53,7 @@ def replace_activations(handle, values: Mapping[str | Component, torch.Tensor], 
         if c.kind == "head":
             by_layer[c.layer][c.head] = val
         elif c.kind == "neuron":
-            neurons[c.layer][c.index] = torch.as_tensor(val)
+            neurons[c] = val
         elif c.kind == "mlp":
             mlps[c.layer] = val
         else:
@@ -76,17 +76,7 @@ def replace_activations(handle, values: Mapping[str | Component, torch.Tensor], 
             return _put(out, _fit(v, out, name), pm)
         return fn
 
-    writes = {}
-    for layer, vals in neurons.items():
-        idx = sorted(vals)
-        try:
-            stacked = torch.stack(torch.broadcast_tensors(*[vals[i] for i in idx]), -1)
-        except RuntimeError:
-            raise KnoweditError(f"values for m{layer}'s neurons have shapes that do not broadcast together "
-                                f"({sorted({tuple(v.shape) for v in vals.values()})}); give each [B, T], [T] or a scalar") from None
-        writes[layer] = (idx, stacked)
-
-    with HookSet() as hs, neuron_writes(handle, writes, positions=positions):
+    with HookSet() as hs, neuron_writes(handle, grouped(neurons), positions=positions):
         for layer, heads in by_layer.items():
             hs.pre(a.o_proj(layer), head_hook(layer, heads))
         for layer, v in mlps.items():
