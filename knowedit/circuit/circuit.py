@@ -207,46 +207,41 @@ class Circuit:
             out[C.parse(m).layer] = set(range(d))
         return out
 
-    def _neuron_op(self, other: "Circuit", op) -> dict:
+    def _mlp_op(self, other: "Circuit", nodes: dict, op) -> tuple[dict, dict]:
+        """(nodes, neurons) of a set operation where MLPs and neurons meet: the operation runs on each
+        layer's neurons (whole MLPs expanded); a whole MLP stays a node where the result holds the whole
+        layer, and single neurons are kept unless they only restate a whole MLP of either side."""
         if not (self.neurons or other.neurons):
-            return {}
-        a, b = self._neuron_sets(), other._neuron_sets()
-        whole = {C.parse(m).layer for m in self.mlps()} | {C.parse(m).layer for m in other.mlps()}
-        out = {}
-        for l in set(a) | set(b):
-            keep = op(a.get(l, set()), b.get(l, set()))
-            if keep and not (l in whole and len(keep) == self.model.get("d_mlp")):
-                out[l] = {i: self.neurons.get(l, {}).get(i, other.neurons.get(l, {}).get(i, 1.0)) for i in keep}
-        return out
-
-    def _whole_mlp_op(self, other, nodes: dict, op) -> dict:
-        """Whole MLPs stay nodes only where the neuron-level result still holds the whole layer."""
-        if not (self.neurons or other.neurons):
-            return nodes
+            return nodes, {}
         a, b = self._neuron_sets(), other._neuron_sets()
         d = self.model.get("d_mlp")
-        out = {k: v for k, v in nodes.items() if C.parse(k).kind != "mlp"}
+        whole = {C.parse(m).layer for m in self.mlps()} | {C.parse(m).layer for m in other.mlps()}
+        out_nodes = {k: v for k, v in nodes.items() if C.parse(k).kind != "mlp"}
+        neurons = {}
         for l in set(a) | set(b):
-            if len(op(a.get(l, set()), b.get(l, set()))) == d:
-                out[f"m{l}"] = self.nodes.get(f"m{l}", other.nodes.get(f"m{l}", 0.0))
-        return out
+            keep = op(a.get(l, set()), b.get(l, set()))
+            if len(keep) == d:
+                out_nodes[f"m{l}"] = self.nodes.get(f"m{l}", other.nodes.get(f"m{l}", 0.0))
+            if keep and not (l in whole and len(keep) == d):
+                neurons[l] = {i: self.neurons.get(l, {}).get(i, other.neurons.get(l, {}).get(i, 1.0)) for i in keep}
+        return out_nodes, neurons
 
     def union(self, other: "Circuit") -> "Circuit":
         self._same_model(other)
-        nodes = self._whole_mlp_op(other, {**other.nodes, **self.nodes}, set.__or__)
-        return self._derived(nodes, {**other.edges, **self.edges}, "union", other, self._neuron_op(other, set.__or__))
+        nodes, neurons = self._mlp_op(other, {**other.nodes, **self.nodes}, set.__or__)
+        return self._derived(nodes, {**other.edges, **self.edges}, "union", other, neurons)
 
     def intersection(self, other: "Circuit") -> "Circuit":
         self._same_model(other)
-        nodes = self._whole_mlp_op(other, {k: v for k, v in self.nodes.items() if k in other.nodes}, set.__and__)
+        nodes, neurons = self._mlp_op(other, {k: v for k, v in self.nodes.items() if k in other.nodes}, set.__and__)
         return self._derived(nodes, {k: v for k, v in self.edges.items() if k in other.edges}, "intersection",
-                             other, self._neuron_op(other, set.__and__))
+                             other, neurons)
 
     def difference(self, other: "Circuit") -> "Circuit":
         self._same_model(other)
-        nodes = self._whole_mlp_op(other, {k: v for k, v in self.nodes.items() if k not in other.nodes}, set.__sub__)
+        nodes, neurons = self._mlp_op(other, {k: v for k, v in self.nodes.items() if k not in other.nodes}, set.__sub__)
         return self._derived(nodes, {k: v for k, v in self.edges.items() if k not in other.edges}, "difference",
-                             other, self._neuron_op(other, set.__sub__))
+                             other, neurons)
 
     __or__, __and__, __sub__ = union, intersection, difference
 
