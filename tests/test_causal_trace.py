@@ -195,11 +195,11 @@ def test_layers_auto_records_the_traced_choice(tiny, monkeypatch):
     m.undo()
 
 
-def test_layers_auto_is_only_for_rome_and_memit(tiny):
+def test_layers_auto_is_only_for_locate_then_edit_editors(tiny):
     from knowedit.editing import load_hparams
 
     assert load_hparams("memit", tiny, {"layers": "auto"})["layers"] == "auto"
-    with pytest.raises(KnoweditError, match="rome and memit only"):
+    with pytest.raises(KnoweditError, match="rome, memit and alphaedit only"):
         load_hparams("ft-l", tiny, {"layers": "auto"})
 
 

@@ -138,7 +138,8 @@ def test_every_field_an_editor_reads_is_in_its_schema():
     src = Path(__file__).resolve().parents[1] / "knowedit" / "editing"
     pat = re.compile(r'(?:field\((?:hp|hparams),\s*|(?:hp|hparams)(?:\.get\(|\[))\s*"([a-z][a-z0-9_]*)"')
     owners = {"finetune.py": ("ft-l", "ft-m"), "ft_objectives.py": ("ft-l", "ft-m"), "rome.py": ("rome",),
-              "memit.py": ("memit",)}
+              "memit.py": ("memit", "alphaedit"), "alphaedit.py": ("alphaedit",),
+              "preserve.py": ("rome", "memit", "alphaedit", "ft-l", "ft-m")}
     seen = 0
     for f in src.glob("*.py"):
         if f.name == "hparams.py":

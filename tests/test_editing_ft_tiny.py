@@ -121,7 +121,7 @@ def test_sequential_and_batched(tiny):
     with edit(tiny, reqs, method="ft-m", hparams=FAST) as b:
         assert hashes(tiny) != h0
         # batched is one optimisation over both requests, not the sequence
-        assert hashes(tiny) != h_seq and len(b.info["requests"]) == 2
+        assert hashes(tiny) != h_seq and len(b.info["cases"]) == 2
     assert hashes(tiny) == h0
 
 

@@ -109,8 +109,10 @@ def test_shipped_suites_parse():
     from pathlib import Path
     import yaml
 
-    from knowedit.evaluation.granularity import load_study
+    from knowedit.cli.commands.eval import _study
     root = Path(__file__).resolve().parents[1] / "evals"
-    names = {(load_study(p) if "study" in yaml.safe_load(p.read_text()) else load_suite(p)).name
-             for p in root.glob("*.yaml")}
-    assert {"editors_x_masks", "collateral", "granularity"} <= names
+    names = set()
+    for p in root.glob("*.yaml"):
+        study = yaml.safe_load(p.read_text()).get("study")
+        names.add((_study(study)[0](p) if study else load_suite(p)).name)
+    assert {"editors_x_masks", "collateral", "granularity", "lifelong", "lifelong_quick"} <= names

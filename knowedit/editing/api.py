@@ -1,6 +1,8 @@
 """``edit()``: one entry point for every editor, with requests and hyperparameters validated first."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..errors import KnoweditError
@@ -23,7 +25,7 @@ def editor(method: str):
 
 
 def edit(handle, requests, method: str = "rome", hparams=None, mask=None, mode: str = "restrict", seed: int = 0,
-         sequential: bool = False):
+         sequential: bool = False, state: dict | None = None):
     """Edit ``handle``'s model in place and return the applied edit.
 
     ``requests``: dicts in the CounterFact/EasyEdit or ROME format, or :class:`EditRequest` s.
@@ -31,6 +33,11 @@ def edit(handle, requests, method: str = "rome", hparams=None, mask=None, mode: 
     ``editors/<method>/<model>.yaml`` and the method defaults. ``mask``/``mode``: see
     :mod:`knowedit.editing.masking`. Batched by default (one :class:`Edit` for all requests);
     ``sequential=True`` edits one request at a time and returns an :class:`EditSequence`.
+
+    ``state``: a dict the caller keeps across calls in a lifelong run (the model carrying every earlier
+    edit). Editors that remember earlier edits (AlphaEdit: the keys of the edits made so far) read and
+    update it; it holds tensors and plain values only, so ``torch.save`` checkpoints it. It is
+    updated only when the edit succeeds.
 
     Atomic: on any error nothing stays changed (earlier edits of a sequence are undone).
     """
@@ -44,11 +51,14 @@ def edit(handle, requests, method: str = "rome", hparams=None, mask=None, mode: 
     note = {"hparams": kw, "hparams_notes": hp["_notes"], "hparams_sources": hp["_sources"], "seed": seed,
             "mask": None if mask is None else {**mask.meta, **mask.density()}}
 
+    # only editors that remember earlier edits take the lifelong state
+    extra = {"state": state} if state is not None and "state" in inspect.signature(fn).parameters else {}
+
     def one(batch):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            e = fn(handle, batch, dict(kw), mask=mask, mode=mode)
-        e.info.update(note, requests=[r.case_id if r.case_id is not None else r.subject for r in batch])
+            e = fn(handle, batch, dict(kw), mask=mask, mode=mode, **extra)
+        e.info.update(note, cases=[r.case_id if r.case_id is not None else r.subject for r in batch])
         return e
 
     if not sequential:
@@ -64,4 +74,31 @@ def edit(handle, requests, method: str = "rome", hparams=None, mask=None, mode: 
     return EditSequence(done)
 
 
-__all__ = ["edit", "editor"]
+def warm_caches(handle, method: str, hparams=None) -> None:
+    """Compute now, from the weights as they are, what an editor otherwise computes from the model on
+    first use: the sampled context prefixes, the key statistics of its layers and the preserved tasks'
+    keys. A resumed lifelong run calls this on the original weights before loading its checkpoint, so
+    the continued run uses exactly what an uninterrupted one did."""
+    from .covariance import key_stats
+    from .keys_values import prefix_groups
+    from .preserve import preserve_settings, task_key_moments
+
+    method = normalise_method(method)
+    hp = editor_kwargs(load_hparams(method, handle, hparams))
+    if method in ("ft-l", "ft-m"):
+        from .finetune import layer_params
+        params = dict(handle.model.named_parameters())
+        names = [n for n in layer_params(handle, hp) if params[n].dim() == 2]
+    else:
+        prefix_groups(handle, hp)
+        layers = hp.get("layers")
+        if not isinstance(layers, list):   # 'auto': chosen per batch from a trace
+            return
+        key_stats(handle, layers, hp)
+        names = [handle.adapter.name_of(handle.adapter.mlp_out(l).weight) for l in layers]
+    pres = preserve_settings(hp)
+    if pres:
+        task_key_moments(handle, {n: handle.model.get_submodule(n.rsplit(".", 1)[0]) for n in names}, pres)
+
+
+__all__ = ["edit", "editor", "warm_caches"]

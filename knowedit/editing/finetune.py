@@ -34,12 +34,13 @@ from ..errors import KnoweditError
 from .edit import Edit
 from .ft_objectives import batch_loss, forward_kwargs, make_batch
 from .masking import check_mask_handle, check_mode, pruned_elements
+from .preserve import PRESERVE_DEFAULTS, preserve_settings, weight_projectors
 
 _COMMON = {
     # layers None: the layer at 30% depth (9 of 30), where the default model's facts edit well
     "layers": None, "num_steps": 25, "lr": 5e-4, "weight_decay": 0.0, "kl_factor": 0.0, "norm_constraint": None,
     "batch_size": 1, "max_length": 40, "rewrite_module_tmp": None, "early_stop_loss": 1e-2,
-    "restrict_to_layers": False,
+    "restrict_to_layers": False, **PRESERVE_DEFAULTS,
 }
 # FT-L is the constrained method: the reference's learning rate and L∞ bound (ROME's FT-L baseline)
 FT_L_DEFAULTS = {**_COMMON, "objective_optimization": "prompt_last", "norm_constraint": 5e-4, "lr": 5e-4}
@@ -106,6 +107,13 @@ def finetune(handle, requests, hparams: dict, mask=None, mode: str = "restrict",
     params = dict(model.named_parameters())
     train = trainable_elements(handle, hparams, mask)
     zero = pruned_elements(mask) if mode == "ablate" else {}
+    preserve = preserve_settings(hparams)
+    projectors, frozen = weight_projectors(handle, train, preserve) if preserve else ({}, [])
+    train = {n: m for n, m in train.items() if n not in frozen}
+    if not train:
+        raise KnoweditError(f"preserve: the only trainable tensors ({', '.join(frozen)}) are biases or norms, which "
+                            "cannot be kept off the preserved tasks' inputs; train weight matrices or drop 'preserve'")
+    removed = []
 
     bases = {}  # what each touched tensor is before training: the original, pruned in ablate mode
     for n in set(train) | set(zero):
@@ -145,6 +153,8 @@ def finetune(handle, requests, hparams: dict, mask=None, mode: str = "restrict",
                     with torch.no_grad():
                         for n, (lo, hi) in bounds.items():
                             vals[n].copy_(torch.maximum(torch.minimum(vals[n], hi), lo))
+                if projectors:   # last, so the preserved inputs stay exact even where it leaves the L∞ ball
+                    removed.append(_project(vals, bases, train, projectors))
             losses.append(sum(epoch) / len(epoch))
             if losses[-1] < stop:
                 break
@@ -157,7 +167,26 @@ def finetune(handle, requests, hparams: dict, mask=None, mode: str = "restrict",
             "trained_params": sorted(train), "trained_elements": int(sum(int(m.sum()) for m in train.values())),
             "pruned_elements": int(sum(int(m.sum()) for m in zero.values())), "optimizer_steps": steps,
             "loss_per_pass": losses, "seconds": time.perf_counter() - t0}
+    if preserve:
+        info["preserve"] = {"tasks": preserve["tasks"], "frozen": frozen,
+                            "removed_mean": sum(removed) / len(removed) if removed else 0.0}
     return Edit(handle, new_values, method, info)
+
+
+@torch.no_grad()
+def _project(vals: dict, bases: dict, train: dict, projectors: dict) -> float:
+    """Project each trained matrix's change off the preserved inputs, in place; returns the share of the
+    change's norm removed."""
+    before = after = 0.0
+    for n, (P, axis) in projectors.items():
+        m = train[n]
+        D = torch.zeros(m.shape, dtype=torch.float64, device=m.device)
+        D[m] = (vals[n] - bases[n][m]).double()
+        before += float(D.norm()) ** 2
+        Dp = D @ P.to(D.device) if axis == 1 else P.to(D.device) @ D
+        after += float((D - Dp).norm()) ** 2
+        vals[n].copy_((bases[n][m].double() + Dp[m]).to(vals[n].dtype))
+    return (after / before) ** 0.5 if before > 0 else 0.0
 
 
 def apply_ft_l(handle, requests, hparams: dict, mask=None, mode: str = "restrict") -> Edit:

@@ -14,9 +14,11 @@ from pathlib import Path
 
 from ..errors import KnoweditError
 
-METHODS = ("rome", "memit", "ft-l", "ft-m")
-_ALIASES = {"ft_l": "ft-l", "ftl": "ft-l", "ft_m": "ft-m", "ftm": "ft-m"}
-_ALG_NAMES = {"rome": {"ROME", "R-ROME"}, "memit": {"MEMIT"}, "ft-l": {"FT", "FT-L"}, "ft-m": {"FT", "FT-M"}}
+METHODS = ("rome", "memit", "alphaedit", "ft-l", "ft-m")
+_ALIASES = {"ft_l": "ft-l", "ftl": "ft-l", "ft_m": "ft-m", "ftm": "ft-m", "alpha-edit": "alphaedit",
+            "alpha_edit": "alphaedit"}
+_ALG_NAMES = {"rome": {"ROME", "R-ROME"}, "memit": {"MEMIT"}, "alphaedit": {"ALPHAEDIT"}, "ft-l": {"FT", "FT-L"},
+              "ft-m": {"FT", "FT-M"}}
 
 # EasyEdit fields that have no meaning here: module locations come from the architecture adapter,
 # the device from the model handle, statistics from knowedit's own cache.
@@ -28,6 +30,8 @@ EASYEDIT_IGNORED = {
 EASYEDIT_LOCATE_ED = {"rome": {"rewrite_module_tmp", "mom2_dtype", "context_template_length_params",
                                "fact_token", "v_loss_layer", "layer_selection", "mom2_dataset"}}
 EASYEDIT_LOCATE_ED["memit"] = EASYEDIT_LOCATE_ED["rome"]
+# P_loc: where EasyEdit caches its projection matrix; knowedit computes and caches P itself
+EASYEDIT_LOCATE_ED["alphaedit"] = EASYEDIT_LOCATE_ED["rome"] | {"P_loc"}
 
 # EasyEdit's R-ROME switches, read as knowedit's rome_variant
 _EASYEDIT_R_ROME = ("original_implementation", "enable_random_prefix_keys", "enable_prompt_keys")
@@ -143,9 +147,9 @@ def _merge(hp: dict, defaults: dict, data: dict, method: str, source: str, notes
     known = set(defaults)
     for field, value in data.items():
         if field == "layers" and isinstance(value, str) and value.strip().lower() == "auto":
-            if method not in ("rome", "memit"):
+            if method not in ("rome", "memit", "alphaedit"):
                 raise KnoweditError(f"hparams {source}: layers 'auto' (the edit layer from a causal trace) exists for "
-                                    f"rome and memit only; give {method} a list of layers")
+                                    f"rome, memit and alphaedit only; give {method} a list of layers")
             hp[field] = "auto"
         elif field in known:
             default = defaults[field]

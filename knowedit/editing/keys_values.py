@@ -1,5 +1,6 @@
 """What ROME and MEMIT share: prefix contexts, keys at the subject's last token, and the
-optimisation of the residual change δ that makes the model say the new target.
+optimisation of the residual change δ that makes the model say the new target (its loop, for one
+request or a batch of them, is in :mod:`.batched_values`).
 
 Prefix contexts follow the reference generator: texts sampled from the model itself with top-5
 sampling (seeded, so the same seed gives the same prefixes), each followed by ". " and the prompt,
@@ -18,7 +19,6 @@ from ..models.handle import Batch
 from ..hooks.hookset import HookSet
 from .fields import field
 from .request import EditRequest
-from .subject_aligned import SuffixRunner, align, unaligned
 
 _PREFIX_STARTS = ["The", "Therefore", "Because", "I", "You"]
 _PREFIX_TOP_K = 5   # the reference generator's sampling
@@ -115,6 +115,19 @@ def build_rows(handle, req: EditRequest, contexts: list[str], with_target: bool 
     return Rows(padded.input_ids, padded.attention_mask, torch.tensor(subj, device=dev), len(contexts), tpos, target)
 
 
+def stack_rows(rows: list[Rows], pad_id: int, count=None) -> Rows:
+    """The first ``count(r)`` rows (all by default) of each of several requests' rows as one
+    right-padded batch, request by request, for reading activations: it has no targets, and
+    ``n_context`` counts all its rows."""
+    seqs, subj = [], []
+    for r in rows:
+        n = r.input_ids.shape[0] if count is None else count(r)
+        seqs += [r.input_ids[i, :int(r.attention_mask[i].sum())].tolist() for i in range(n)]
+        subj.append(r.subject_pos[:n])
+    b = Batch.from_ids(seqs, pad_id, rows[0].input_ids.device)
+    return Rows(b.input_ids, b.attention_mask, torch.cat(subj), len(seqs), [], [])
+
+
 def _out(o):
     return o[0] if isinstance(o, tuple) else o
 
@@ -165,100 +178,10 @@ def read_at_subject(handle, rows: Rows, key_layers: list[int] = (), site=None) -
 
 def optimise_delta(handle, req: EditRequest, rows: Rows, site, hp: dict,
                    v0: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """δ added to ``site``'s output at the subject's last token of every row, as in the reference
-    implementations: the loss is the target NLL over the context rows
-    + kl_factor · KL(edited ‖ original) of the next-token distribution at the subject's last token of
-    the KL rows + v_weight_decay · ‖δ‖ / ‖v₀‖², with ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ (v₀: the site output
-    on the bare prompt; pass it when already read). The NLL is read at the output of layer
-    ``v_loss_layer``. At most ``v_num_grad_steps`` forward passes; the loop stops early once the whole
-    loss is below ``v_stop_loss``."""
-    a = handle.adapter
-    steps = field(hp, "v_num_grad_steps", int, lambda v: v >= 1, "at least one step")
-    lr = field(hp, "v_lr", float, lambda v: v > 0)
-    wd = field(hp, "v_weight_decay", float, lambda v: v >= 0)
-    clamp = field(hp, "clamp_norm_factor", float, lambda v: v > 0)
-    kl_factor = field(hp, "kl_factor", float, lambda v: v >= 0)
-    loss_layer = field(hp, "v_loss_layer", int, lambda v: -a.n_layers <= v < a.n_layers,
-                       f"the model has {a.n_layers} layers")
-    loss_layer %= a.n_layers
-    stop_loss = field(hp, "v_stop_loss", float, lambda v: v >= 0)
-    B = rows.input_ids.shape[0]
-    dev = rows.input_ids.device
-    idx = torch.arange(B, device=dev)
-    n_ctx = rows.n_context
-    if field(hp, "cache_before_subject", bool):
-        al = align(rows.input_ids, rows.attention_mask, rows.subject_pos, handle.tokenizer.pad_token_id)
-    else:
-        al = unaligned(rows.input_ids, rows.attention_mask)
-    # one-hot of δ's column, so δ enters the graph without in-place writes
-    onehot = torch.zeros(B, al.input_ids.shape[1] - al.S, 1, device=dev)
-    onehot[idx, al.col(idx, rows.subject_pos)] = 1.0
-    tr = torch.tensor([r for r, ps in enumerate(rows.target_pos) for _ in ps], device=dev)
-    tp = al.col(tr, torch.tensor([p for ps in rows.target_pos for p in ps], device=dev))
-    tid = torch.tensor([t for ps in rows.target_pos for t in rows.target_ids[:len(ps)]], device=dev)
-    kl_rows = torch.arange(n_ctx, B, device=dev)
-    kl_at = al.col(kl_rows, rows.subject_pos[n_ctx:])
+    """δ added to ``site``'s output at the subject's last token of every row of one request, and its
+    info: :func:`~knowedit.editing.batched_values.optimise_deltas` for a batch of one (the loss is
+    described there). ``v0``: the site output on the bare prompt, when already read."""
+    from .batched_values import optimise_deltas   # it builds on this module
 
-    if v0 is None:
-        _, v0_all = read_at_subject(handle, rows, site=site)
-        v0 = v0_all[0]
-    v0 = v0.float()
-    delta = torch.zeros(a.d_model, requires_grad=True, device=dev)
-    state = {}
-
-    def add_delta(m, args, o):
-        h = _out(o)
-        return _with(o, h + onehot.to(h.dtype) * delta.to(h.dtype))
-
-    def grab(m, args, o):
-        state["h"] = _out(o)
-
-    def head(h):
-        return a.unembed(a.ln_final(h)).float().log_softmax(-1)
-
-    params = [p for p in handle.model.parameters()]
-    was = [p.requires_grad for p in params]
-    opt = torch.optim.Adam([delta], lr=lr)
-    info = {"steps": 0, "cached_columns": al.S, "step_columns": al.input_ids.shape[1] - al.S}
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        run = SuffixRunner(handle.model, al)  # the cached columns, before δ's hook is in place
-        with HookSet() as hs:
-            hs.post(site, add_delta)  # before grab: the site may be the loss layer itself
-            hs.post(a.block(loss_layer), grab)
-            use_kl = len(kl_rows) > 0 and kl_factor > 0
-            ref = None
-            for step in range(steps):
-                run()
-                # one unembedding for the target and KL rows: it streams the whole vocabulary matrix
-                lp = head(state["h"][torch.cat([tr, kl_rows]), torch.cat([tp, kl_at])] if use_kl
-                          else state["h"][tr, tp])
-                nll = -lp[:len(tr)].gather(1, tid[:, None]).sum() / n_ctx / len(rows.target_ids)
-                loss = nll
-                kl = torch.zeros(())
-                if use_kl:
-                    if ref is None:  # the first pass runs with δ = 0: the unedited distribution
-                        ref = lp[len(tr):].detach()
-                    # kl_div(input, target) = KL(target ‖ input): here KL(edited ‖ original)
-                    kl = torch.nn.functional.kl_div(ref, lp[len(tr):], log_target=True, reduction="batchmean")
-                    loss = loss + kl_factor * kl
-                decay = wd * delta.norm() / v0.norm() ** 2
-                loss = loss + decay
-                info.update(nll=float(nll.detach()), kl=float(kl.detach()), weight_decay=float(decay.detach()),
-                            loss=float(loss.detach()), steps=step)
-                if info["loss"] < stop_loss or step == steps - 1:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    limit = clamp * v0.norm()
-                    if delta.norm() > limit:
-                        delta.mul_(limit / delta.norm())
-    finally:
-        for p, w in zip(params, was):
-            p.requires_grad_(w)
-    info["delta_norm"] = float(delta.detach().norm())
-    info["v0_norm"] = float(v0.norm())
-    return delta.detach().double(), info
+    deltas, infos = optimise_deltas(handle, [rows], site, hp, None if v0 is None else v0[None])
+    return deltas[0], infos[0]

@@ -11,14 +11,17 @@ R = (z − hᴸ_current on the bare prompt) / (number of edit layers from l to L
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import KnoweditError
-from ..models.handle import Batch
+from .batched_values import optimise_in_batches
 from .covariance import SETTINGS_DEFAULTS, key_stats
 from .edit import Edit
 from .fields import below_loss_layer, field, layer_list
-from .keys_values import Rows, build_rows, context_weights, optimise_delta, prefix_groups, prefixes, read_at_subject
-from .restrict import edit_sites, new_weight, solve_in
+from .keys_values import Rows, build_rows, context_weights, prefix_groups, prefixes, read_at_subject, stack_rows
+from .preserve import PRESERVE_DEFAULTS, check_free, preserve_settings, update_space
+from .restrict import edit_sites, new_weight
+from .subspace import as_subspace, solve_in
 
 _READ_CHUNK = 32   # requests per forward when reading keys and residuals
 
@@ -26,10 +29,7 @@ _READ_CHUNK = 32   # requests per forward when reading keys and residuals
 def stack_contexts(rows: list[Rows], pad_id: int) -> Rows:
     """The context rows (not the KL rows) of several requests as one right-padded batch, request by
     request."""
-    seqs = [r.input_ids[i, :int(r.attention_mask[i].sum())].tolist() for r in rows for i in range(r.n_context)]
-    b = Batch.from_ids(seqs, pad_id, rows[0].input_ids.device)
-    subj = torch.cat([r.subject_pos[:r.n_context] for r in rows])
-    return Rows(b.input_ids, b.attention_mask, subj, len(seqs), [], [])
+    return stack_rows(rows, pad_id, lambda r: r.n_context)
 
 
 MEMIT_DEFAULTS: dict = {
@@ -38,6 +38,7 @@ MEMIT_DEFAULTS: dict = {
     "v_num_grad_steps": 20,
     "v_lr": 0.5,
     "v_stop_loss": 5e-2,
+    "v_batch_size": 16,
     "cache_before_subject": True,
     "v_loss_layer": -1,
     "v_weight_decay": 0.5,
@@ -48,6 +49,7 @@ MEMIT_DEFAULTS: dict = {
     **SETTINGS_DEFAULTS,
     "context_template_length_params": [[10, 5]],
     "kl_prompts": ["{} is a"],
+    **PRESERVE_DEFAULTS,
     "seed": 0,
 }
 
@@ -55,47 +57,31 @@ MEMIT_DEFAULTS: dict = {
 def memit_targets(handle, requests: list, hparams: dict) -> tuple[list[torch.Tensor], list[dict]]:
     """The residual changes δ (z − h̄ᴸ) per request. They depend only on the top edit layer and the
     δ-optimisation fields, so a caller can compute them once and pass them to :func:`apply_memit`
-    while trying other λ (mom2_update_weight) or lower layers."""
-    from tqdm.auto import tqdm
-
+    while trying other λ (mom2_update_weight) or lower layers. ``v_batch_size`` requests are optimised
+    together, each as if alone (:mod:`.batched_values`)."""
     from .auto_layers import resolve
     hp, _ = resolve(handle, requests, {**MEMIT_DEFAULTS, **(hparams or {})}, "memit")
     a = handle.adapter
     top = max(layer_list(hp, a.n_layers))
+    batch = field(hp, "v_batch_size", int, lambda v: v >= 1, "at least one request")
     ctx = prefixes(handle, hp)
-    targets, infos = [], []
-    for r in tqdm(requests, desc="MEMIT targets", leave=False):
-        rw = build_rows(handle, r, ctx, kl_prompts=field(hp, "kl_prompts", list))
-        delta, info = optimise_delta(handle, r, rw, a.block(top), hp)
-        targets.append(delta)
-        infos.append(dict(info, case=r.label, top_layer=top))
-    return targets, infos
+    rows = [build_rows(handle, r, ctx, kl_prompts=field(hp, "kl_prompts", list)) for r in requests]
+    targets, infos = optimise_in_batches(handle, rows, a.block(top), hp, batch, desc="MEMIT targets")
+    return targets, [dict(i, case=r.label, top_layer=top) for i, r in zip(infos, requests)]
 
 
-def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "restrict",
-                targets: tuple | None = None) -> Edit:
-    """Apply MEMIT to a batch of requests; returns the applied Edit (nothing changes on failure).
-    ``targets``: the output of :func:`memit_targets` for these requests and the same top layer."""
-    from tqdm.auto import tqdm
-
-    from .auto_layers import resolve
-    hp, auto = resolve(handle, requests, {**MEMIT_DEFAULTS, **(hparams or {})}, "memit", mask)
+def spread_update(handle, requests: list, hp: dict, sites: list, targets: tuple, solve, after=None) -> tuple[dict, object]:
+    """MEMIT's spread of z − h over ``sites`` (``[(layer, neurons)]``, increasing): for each layer, on the
+    model with the lower layers already updated, K (context-averaged keys, ``[n, d_mlp]``) and
+    R = (z − h) / (layers left); ``solve(layer, K, R)`` returns ΔWᵀ ``[d_mlp, d_model]``. ``after(keys)``,
+    when given, runs on the fully edited model with ``keys(layer)`` → K there (AlphaEdit records the
+    edited keys). The model is restored before returning ({param name: new value}, after's result)."""
     a = handle.adapter
-    if hp.get("fact_token", "subject_last") != "subject_last":
-        raise KnoweditError(f"hparams: field 'fact_token' = {hp['fact_token']!r}; only 'subject_last' is supported")
-    layers = layer_list(hp, a.n_layers)
-    lam = field(hp, "mom2_update_weight", float, lambda v: v >= 0)
-    kl_prompts = field(hp, "kl_prompts", list)
-    below_loss_layer(hp, layers, handle.adapter.n_layers)
-    sites = edit_sites(handle, layers, mask, mode, "MEMIT")
-    top = max(layers)  # z lives after the last *configured* layer, whatever the mask keeps
-    stats = key_stats(handle, [l for l, _ in sites], hp)
-    ctx = prefixes(handle, hp)
+    top = max(layer_list(hp, a.n_layers))
     weights = context_weights(prefix_groups(handle, hp), per_type=True)
+    ctx = prefixes(handle, hp)
+    kl_prompts = field(hp, "kl_prompts", list)
     rows = [build_rows(handle, r, ctx, kl_prompts=kl_prompts) for r in requests]
-
-    if targets is None:
-        targets = memit_targets(handle, requests, hp)
     targets, infos = targets
     if len(targets) != len(requests) or any(i.get("top_layer") != top for i in infos):
         raise KnoweditError(f"targets: computed for {len(targets)} requests at top layer "
@@ -118,28 +104,79 @@ def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "r
     params = dict(handle.model.named_parameters())
     names = [a.name_of(a.mlp_out(l).weight) for l, _ in sites]
     originals = {n: params[n].detach().clone() for n in names}
-    finals = {}
+    finals, extra = {}, None
     try:
         _, h0 = averaged(sites[0][0])
         z = h0 + torch.stack(targets)   # [n, d_model]
-        for i, (layer, neurons) in enumerate(tqdm(sites, desc="MEMIT layers", leave=False)):
+        for i, (layer, neurons) in enumerate(tqdm(sites, desc="update layers", leave=False)):
             K, h = averaged(layer)      # K [n, d_mlp]
             R = (z - h) / (len(sites) - i)
-            A = lam * stats[layer].mom2 + K.T @ K
-            dW = solve_in(A, K.T @ R, neurons).T   # [d_model, d_mlp]
+            dW = solve(layer, K, R).T   # [d_model, d_mlp]
             if not torch.isfinite(dW).all():
-                raise KnoweditError(f"MEMIT: the update at layer {layer} is not finite; raise mom2_update_weight")
+                raise KnoweditError(f"the update at layer {layer} is not finite; raise the regularisation "
+                                    "(mom2_update_weight for MEMIT, L2 for AlphaEdit)")
             name, new = new_weight(handle, layer, dW, neurons)
             with torch.no_grad():
                 params[name].copy_(new)
             finals[name] = new
+        if after is not None:
+            extra = after(lambda layer: averaged(layer)[0])
     finally:
         with torch.no_grad():
             for n, t in originals.items():
                 params[n].copy_(t)
+    return finals, extra
+
+
+def preserved_solve(layer: int, space, preserve: dict | None, K: torch.Tensor, infos: list, A: torch.Tensor,
+                    rhs: torch.Tensor, labels: list[str], method: str, neurons) -> torch.Tensor:
+    """``solve_in(A, rhs, space)``, and, when tasks are preserved, the refusal check on the keys and the
+    share of the unprojected update the projection removed (recorded in ``infos``)."""
+    dWt = solve_in(A, rhs, space)
+    if preserve:
+        shares = check_free(space, K, labels, preserve, method)
+        free = solve_in(A, rhs, neurons)
+        removed = float((free - as_subspace(space, A.shape[0]).project(free)).norm() / free.norm())
+        infos.append({"layer": layer, "removed": removed, "free_share_min": min(shares),
+                      "free_share_mean": sum(shares) / len(shares)})
+    return dWt
+
+
+def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "restrict",
+                targets: tuple | None = None) -> Edit:
+    """Apply MEMIT to a batch of requests; returns the applied Edit (nothing changes on failure).
+    ``targets``: the output of :func:`memit_targets` for these requests and the same top layer."""
+    from .auto_layers import resolve
+    hp, auto = resolve(handle, requests, {**MEMIT_DEFAULTS, **(hparams or {})}, "memit", mask)
+    a = handle.adapter
+    if hp.get("fact_token", "subject_last") != "subject_last":
+        raise KnoweditError(f"hparams: field 'fact_token' = {hp['fact_token']!r}; only 'subject_last' is supported")
+    layers = layer_list(hp, a.n_layers)
+    lam = field(hp, "mom2_update_weight", float, lambda v: v >= 0)
+    field(hp, "kl_prompts", list)
+    preserve = preserve_settings(hp)
+    below_loss_layer(hp, layers, handle.adapter.n_layers)
+    sites = edit_sites(handle, layers, mask, mode, "MEMIT")
+    spaces, pinfo = {}, {}
+    for l, n in sites:
+        spaces[l], pinfo[l] = update_space(handle, l, n, preserve)
+    stats = key_stats(handle, [l for l, _ in sites], hp)
+    if targets is None:
+        targets = memit_targets(handle, requests, hp)
+    labels = [r.label for r in requests]
+    removed: list = []
+
+    def solve(layer, K, R):
+        A = lam * stats[layer].mom2 + K.T @ K
+        return preserved_solve(layer, spaces[layer], preserve, K, removed, A, K.T @ R, labels, "MEMIT",
+                               dict(sites)[layer])
+
+    finals, _ = spread_update(handle, requests, hp, sites, targets, solve)
     meta = {"layers": [l for l, _ in sites], "neurons": {l: (None if n is None else len(n)) for l, n in sites},
             "covariance": {l: s.source for l, s in stats.items()},
-            "covariance_tokens": {l: s.n_tokens for l, s in stats.items()}, "requests": infos, "mode": mode}
+            "covariance_tokens": {l: s.n_tokens for l, s in stats.items()}, "requests": targets[1], "mode": mode}
+    if preserve:
+        meta["preserve"] = {"tasks": preserve["tasks"], "layers": pinfo, "projection": removed}
     if auto is not None:
         meta["auto_layers"] = auto
     return Edit(handle, finals, "memit", meta).apply()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import KnoweditError
+from .subspace import solve_in  # noqa: F401  (the solve every editor uses lives with the subspaces)
 
 MODES = ("restrict", "ablate")
 
@@ -59,14 +60,3 @@ def new_weight(handle, layer: int, delta_out_in: torch.Tensor, neurons: torch.Te
     else:                                  # Conv1D [in, out]
         new[cols] = (w[cols].double() + delta_out_in[:, cols].T.to(w.device)).to(w.dtype)
     return handle.adapter.name_of(mod.weight), new
-
-
-def solve_in(C: torch.Tensor, b: torch.Tensor, neurons: torch.Tensor | None) -> torch.Tensor:
-    """C⁻¹ b restricted to ``neurons``: C_SS⁻¹ b_S scattered back with zeros elsewhere (float64).
-    ``b`` is ``[d]`` or ``[d, m]``."""
-    if neurons is None:
-        return torch.linalg.solve(C, b)
-    out = torch.zeros_like(b)
-    S = neurons.to(C.device)
-    out[S] = torch.linalg.solve(C[S][:, S], b[S])
-    return out

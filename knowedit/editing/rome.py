@@ -24,7 +24,9 @@ from .edit import Edit
 from .errors import EditRefused
 from .fields import below_loss_layer, field, layer_list
 from .keys_values import build_rows, optimise_delta, prefixes, read_at_subject
+from .preserve import PRESERVE_DEFAULTS, check_free, preserve_settings, update_space
 from .restrict import edit_sites, new_weight, solve_in
+from .subspace import as_subspace
 
 VARIANTS = ("rome", "r-rome", "hybrid")
 
@@ -47,6 +49,7 @@ ROME_DEFAULTS: dict = {
     "rome_variant": "rome",        # measured best on the default model (editors/README.md)
     "min_denominator_ratio": 0.1,   # refuse when uᵀk_d < this · uᵀk̄
     "max_update_ratio": 1.0,        # refuse when ‖ΔW‖_F > this · ‖W‖_F
+    **PRESERVE_DEFAULTS,
     "seed": 0,
 }
 
@@ -62,14 +65,16 @@ def check_hparams(hp: dict, n_layers: int) -> dict:
             "variant": field(hp, "rome_variant", str, lambda v: v in VARIANTS, f"choose one of {', '.join(VARIANTS)}"),
             "min_den": field(hp, "min_denominator_ratio", float, lambda v: v >= 0),
             "max_update": field(hp, "max_update_ratio", float, lambda v: v > 0),
-            "ridge": field(hp, "mom2_ridge", float, lambda v: v >= 0)}
+            "ridge": field(hp, "mom2_ridge", float, lambda v: v >= 0),
+            "preserve": preserve_settings(hp)}
 
 
 def rank_one(C: torch.Tensor, k_mean: torch.Tensor, k_den: torch.Tensor, residual: torch.Tensor,
-             neurons: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+             space) -> tuple[torch.Tensor, dict]:
     """ΔW ``[d_model, d_mlp]`` (float64) with ΔW k_den = residual, along u = C⁻¹ k̄ restricted to
-    ``neurons``, and the denominators."""
-    u = solve_in(C, k_mean, neurons)
+    ``space`` (neuron indices, a :class:`~knowedit.editing.subspace.Subspace`, or None), and the
+    denominators."""
+    u = solve_in(C, k_mean, space)
     den, den_ref = float(u @ k_den), float(u @ k_mean)
     return torch.outer(residual, u) / den, {"denominator": den, "denominator_mean_key": den_ref}
 
@@ -96,12 +101,19 @@ def key_and_delta(handle, req, hp: dict, layer: int, opts: dict) -> tuple[torch.
     return k.mean(0), k[0], delta, info
 
 
-def rome_update(handle, req, layer: int, neurons, C: torch.Tensor, opts: dict, k_mean, k_plain, delta,
+def rome_update(handle, req, layer: int, space, C: torch.Tensor, opts: dict, k_mean, k_plain, delta,
                 info: dict) -> tuple[str, torch.Tensor]:
-    """The checked rank-one update of ``opts["variant"]``: the parameter name and its new value."""
+    """The checked rank-one update of ``opts["variant"]``: the parameter name and its new value.
+    ``space``: the neurons the update may write (None: all), or a Subspace that also keeps it off the
+    preserved tasks' keys."""
     w = handle.adapter.weight_in_out(handle.adapter.mlp_out(layer)).detach().double().T   # [out, in]
     k_den, residual = variant_target(opts["variant"], w, k_mean, k_plain, delta)
-    dW, den = rank_one(C, k_mean, k_den, residual, neurons)
+    sp = as_subspace(space, len(k_mean))
+    if sp.basis is not None and opts.get("preserve"):
+        info["preserve_free_share"] = check_free(sp, k_den, [req.label], opts["preserve"], "ROME")[0]
+        u_free = solve_in(C, k_mean, sp.neurons)   # the update's direction without the projection
+        info["preserve_removed"] = float((u_free - sp.project(u_free)).norm() / u_free.norm())
+    dW, den = rank_one(C, k_mean, k_den, residual, space)
     ratio = float(dW.norm() / w.norm())
     info.update(den, variant=opts["variant"], update_ratio=ratio)
     if den["denominator_mean_key"] <= 0 or den["denominator"] < opts["min_den"] * den["denominator_mean_key"]:
@@ -113,13 +125,13 @@ def rome_update(handle, req, layer: int, neurons, C: torch.Tensor, opts: dict, k
         raise EditRefused(f"{req.label}: ROME update norm ‖ΔW‖/‖W‖ = {ratio:.3g} exceeds max_update_ratio "
                           f"{opts['max_update']}; the edit would disable the model (try another layer, or more "
                           "covariance samples)")
-    return new_weight(handle, layer, dW, neurons)
+    return new_weight(handle, layer, dW, sp.neurons)
 
 
-def compute_rome(handle, req, hp: dict, layer: int, neurons, C: torch.Tensor, opts: dict) -> tuple[str, torch.Tensor, dict]:
+def compute_rome(handle, req, hp: dict, layer: int, space, C: torch.Tensor, opts: dict) -> tuple[str, torch.Tensor, dict]:
     """New down-projection weight for one request (the model is read, not changed)."""
     k_mean, k_plain, delta, info = key_and_delta(handle, req, hp, layer, opts)
-    name, new = rome_update(handle, req, layer, neurons, C, opts, k_mean, k_plain, delta, info)
+    name, new = rome_update(handle, req, layer, space, C, opts, k_mean, k_plain, delta, info)
     return name, new, info
 
 
@@ -134,6 +146,7 @@ def apply_rome(handle, requests: list, hparams: dict, mask=None, mode: str = "re
     below_loss_layer(hp, opts["layers"], handle.adapter.n_layers)
     sites = edit_sites(handle, opts["layers"], mask, mode, "ROME")
     layer, neurons = sites[0]
+    space, pinfo = update_space(handle, layer, neurons, opts["preserve"])
     stats = key_stats(handle, [layer], hp)[layer]
     C = stats.regularised(opts["ridge"])
     params = dict(handle.model.named_parameters())
@@ -142,7 +155,7 @@ def apply_rome(handle, requests: list, hparams: dict, mask=None, mode: str = "re
     infos = []
     try:
         for req in requests:
-            _, new, info = compute_rome(handle, req, hp, layer, neurons, C, opts)
+            _, new, info = compute_rome(handle, req, hp, layer, space, C, opts)
             infos.append(info)
             with torch.no_grad():
                 params[name].copy_(new)
@@ -152,6 +165,8 @@ def apply_rome(handle, requests: list, hparams: dict, mask=None, mode: str = "re
             params[name].copy_(original)
     meta = {"layer": layer, "neurons": None if neurons is None else len(neurons), "covariance": stats.source,
             "covariance_tokens": stats.n_tokens, "variant": opts["variant"], "requests": infos, "mode": mode}
+    if pinfo is not None:
+        meta["preserve"] = pinfo
     if auto is not None:
         meta["auto_layers"] = auto
     return Edit(handle, {name: final}, "rome", meta).apply()

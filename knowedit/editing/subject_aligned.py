@@ -29,6 +29,12 @@ class Aligned:
         """The suffix column (0 = the subject) of position ``pos`` of right-padded ``row``."""
         return pos + self.shift[row] - self.S
 
+    def select(self, rows: torch.Tensor) -> "Aligned":
+        """Rows ``rows`` only, in that order, without the columns past the longest of them."""
+        mask = self.attention_mask[rows]
+        W = int(mask.nonzero()[:, 1].max()) + 1
+        return Aligned(self.input_ids[rows, :W], mask[:, :W], self.position_ids[rows, :W], self.shift[rows], self.S)
+
 
 def align(input_ids: torch.Tensor, attention_mask: torch.Tensor, subject_pos: torch.Tensor,
           pad_id: int) -> Aligned:
@@ -50,27 +56,36 @@ def align(input_ids: torch.Tensor, attention_mask: torch.Tensor, subject_pos: to
 
 
 class SuffixRunner:
-    """Runs the model on columns >= S of ``al``, on top of a cache of columns < S."""
+    """Runs the model on columns >= S of ``al``, on top of a cache of columns < S. It runs the
+    transformer without its unembedding (the caller reads what it needs through hooks)."""
 
-    def __init__(self, model, al: Aligned):
-        self.model, self.al = model, al
-        self.prefix = None
-        if al.S > 0:
+    def __init__(self, model, al: Aligned, prefix=None):
+        self.model, self.al = getattr(model, "base_model", model), al
+        self.prefix = prefix
+        if al.S > 0 and prefix is None:
             with torch.no_grad():
-                out = model(input_ids=al.input_ids[:, :al.S], attention_mask=al.attention_mask[:, :al.S],
-                            position_ids=al.position_ids[:, :al.S], use_cache=True, logits_to_keep=1)
+                out = self.model(input_ids=al.input_ids[:, :al.S], attention_mask=al.attention_mask[:, :al.S],
+                                 position_ids=al.position_ids[:, :al.S], use_cache=True)
             self.prefix = cache_of(out)
 
     def __call__(self):
         al = self.al
         if self.prefix is None:
             return self.model(input_ids=al.input_ids, attention_mask=al.attention_mask,
-                              position_ids=al.position_ids, use_cache=False, logits_to_keep=1)
+                              position_ids=al.position_ids, use_cache=False)
         # a fresh copy each step: the forward appends the suffix, with its autograd history, to the
         # cache it is given
         return self.model(input_ids=al.input_ids[:, al.S:], attention_mask=al.attention_mask,
-                          position_ids=al.position_ids[:, al.S:], use_cache=True, logits_to_keep=1,
+                          position_ids=al.position_ids[:, al.S:], use_cache=True,
                           **cache_kwargs(self.model, copy.deepcopy(self.prefix)))
+
+    def select(self, rows: torch.Tensor) -> "SuffixRunner":
+        """A runner for rows ``rows`` only: their cached columns are picked out of the cache, not recomputed."""
+        prefix = None
+        if self.prefix is not None:
+            prefix = copy.deepcopy(self.prefix)
+            prefix.batch_select_indices(rows)
+        return SuffixRunner(self.model, self.al.select(rows), prefix)
 
 
 def unaligned(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Aligned:

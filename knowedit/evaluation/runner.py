@@ -61,6 +61,15 @@ def _check_meta(out: Path, meta: dict) -> None:
     atomic_write_text(p, json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
+def select_requests(handle, ds: dict, n: int, path, batch_size: int = 32) -> list:
+    """The suite's ``dataset`` records: the first ``n`` (after ``offset``), or with ``known_only`` the
+    first ``n`` the model knows among the first ``scan`` rows."""
+    if ds.get("known_only", False):
+        pool = load_dataset(ds["name"], path, n=ds.get("scan", max(10 * n, 100)), offset=ds.get("offset", 0))
+        return known_records(handle, pool, n=n, batch_size=batch_size)
+    return load_dataset(ds["name"], path, n=n, offset=ds.get("offset", 0))
+
+
 def run_suite(suite: Suite, out, handle=None, limit: int | None = None, data_path=None, progress=True) -> Path:
     """Run ``suite`` into directory ``out``; returns the results file. ``limit`` caps the cases."""
     from tqdm.auto import tqdm
@@ -89,12 +98,7 @@ def run_suite(suite: Suite, out, handle=None, limit: int | None = None, data_pat
 
     ds = dict(suite.dataset)
     n = ds.get("n", 10) if limit is None else min(limit, ds.get("n", limit))
-    path = data_path or suite.resolve(ds.get("path"))
-    if ds.get("known_only", False):
-        pool = load_dataset(ds["name"], path, n=ds.get("scan", max(10 * n, 100)), offset=ds.get("offset", 0))
-        requests = known_records(handle, pool, n=n, batch_size=suite.batch_size)
-    else:
-        requests = load_dataset(ds["name"], path, n=n, offset=ds.get("offset", 0))
+    requests = select_requests(handle, ds, n, data_path or suite.resolve(ds.get("path")), suite.batch_size)
     if not requests:
         raise KnoweditError(f"suite {suite.name!r}: no records selected from dataset {ds['name']!r}")
 

@@ -13,6 +13,16 @@ from .conditions import CONDITIONS
 METRIC_GROUPS = ("counterfact", "easyedit", "perplexity", "norms", "generation", "collateral")
 
 
+def resolve_path(p, suite_file: Path | None) -> Path | None:
+    """A path in a suite, relative to the working directory if it exists there, else to the suite file."""
+    if p is None:
+        return None
+    p = Path(p).expanduser()
+    if p.is_absolute() or p.exists() or suite_file is None:
+        return p
+    return suite_file.parent / p
+
+
 @dataclass
 class EditorSpec:
     name: str
@@ -39,13 +49,7 @@ class Suite:
     batch_size: int = 32
 
     def resolve(self, p) -> Path | None:
-        """A path in the suite, relative to the working directory if it exists there, else to the suite file."""
-        if p is None:
-            return None
-        p = Path(p).expanduser()
-        if p.is_absolute() or p.exists() or self.path is None:
-            return p
-        return self.path.parent / p
+        return resolve_path(p, self.path)
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "path"}
@@ -96,14 +100,19 @@ def parse_suite(data: dict, source: str = "suite") -> Suite:
 _KNOWN = _KEYS
 
 
-def load_suite(path) -> Suite:
+def load_suite_file(path, parse, hint: str):
+    """Read a suite or study YAML file with ``parse(data, source)``; ``hint`` says where to look if it is missing."""
     path = Path(path)
     if not path.exists():
-        raise KnoweditError(f"suite {path} does not exist; see evals/ for the shipped suites")
+        raise KnoweditError(f"{path} does not exist; {hint}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise KnoweditError(f"{path}: not valid YAML ({e})") from None
-    s = parse_suite(data, str(path))
+    s = parse(data, str(path))
     s.path = path.resolve()
     return s
+
+
+def load_suite(path) -> Suite:
+    return load_suite_file(path, parse_suite, "see evals/ for the shipped suites")

@@ -1,4 +1,5 @@
-"""``knowedit edit``: apply ROME, MEMIT, FT-L or FT-M edits, optionally restricted by a circuit."""
+"""``knowedit edit``: apply ROME, MEMIT, AlphaEdit, FT-L or FT-M edits, optionally restricted by a circuit
+and kept off the circuit tasks' inputs (``--preserve``)."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,10 @@ PROB_NOTE = ("P(x) = probability of the whole target x given the prompt (teacher
 
 
 def add_parser(sub):
-    p = sub.add_parser("edit", help="edit facts in a model (ROME, MEMIT, FT-L, FT-M), optionally inside a circuit")
+    p = sub.add_parser("edit", help="edit facts in a model (ROME, MEMIT, AlphaEdit, FT-L, FT-M), optionally inside a "
+                                    "circuit or keeping circuit tasks untouched")
     p.add_argument("--model", default=None, help="Hugging Face id or local directory (default: SmolLM2-135M)")
-    p.add_argument("--editor", required=True, choices=["rome", "memit", "ft-l", "ft-m"])
+    p.add_argument("--editor", required=True, choices=["rome", "memit", "alphaedit", "ft-l", "ft-m"])
     p.add_argument("--requests", required=True, help="JSON list (or JSONL) of requests, CounterFact/EasyEdit or ROME format")
     p.add_argument("--hparams", default=None, help="YAML/JSON hyperparameters (EasyEdit's files work) over editors/<editor>/<model>.yaml")
     p.add_argument("--circuit", default=None, help="circuit JSON whose parameter mask restricts the edit")
@@ -24,6 +26,9 @@ def add_parser(sub):
                    help="which condition of the circuit to use (random: same head and neuron counts, --seed)")
     p.add_argument("--ports", default="qkvo", help="head ports a circuit head contributes (default qkvo)")
     p.add_argument("--include-norms", action="store_true", help="let masks include LayerNorm/RMSNorm weights")
+    p.add_argument("--preserve", default=None, metavar="TASKS",
+                   help="comma-separated tasks whose inputs to the edited matrices the edit must not change, e.g. "
+                        "ioi,colored-objects (sets hparams 'preserve'; see preserve_threshold)")
     p.add_argument("--sequential", action="store_true", help="one edit per request, in order (default: one batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="write the edited model + tokenizer here (save_pretrained)")
@@ -96,9 +101,16 @@ def run(args):
             true[i] = v
         return new, true
 
+    hparams = args.hparams
+    if args.preserve:
+        from ...editing.hparams import load_hparams
+        hparams = dict(load_hparams(args.editor, handle, args.hparams),
+                       preserve=[t.strip() for t in args.preserve.split(",") if t.strip()])
+        hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+        tasks_before = _task_scores(handle, hparams["preserve"])
     before = probs()
     t0 = time.perf_counter()
-    e = edit(handle, reqs, method=args.editor, hparams=args.hparams, mask=mask, mode=args.mode, seed=args.seed,
+    e = edit(handle, reqs, method=args.editor, hparams=hparams, mask=mask, mode=args.mode, seed=args.seed,
              sequential=args.sequential)
     dt = time.perf_counter() - t0
     after = probs()
@@ -114,6 +126,8 @@ def run(args):
     print()
     print(format_table(reqs, before, after))
     print(f"\n{PROB_NOTE}")
+    if args.preserve:
+        _print_preserve(list(e) if args.sequential else [e], tasks_before, _task_scores(handle, hparams["preserve"]))
     if save is not None:
         handle.save_pretrained(save)
         edits = list(e) if args.sequential else [e]
@@ -122,3 +136,22 @@ def run(args):
                 "hparams": edits[0].info.get("hparams"), "norms": [x.norms() for x in edits]}
         (save / "knowedit_edit.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
         print(f"saved the edited model and tokenizer to {save} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+def _task_scores(handle, names) -> dict:
+    from ...evaluation.collateral import build_task, task_scores
+    return task_scores(handle, {t: build_task(t, handle.tokenizer, n=100, seed=1) for t in names})
+
+
+def _print_preserve(edits, before: dict, after: dict) -> None:
+    print("\npreserved tasks (100 prompts each, not those the projection was computed from):")
+    for t in before:
+        print(f"  {t:<16} before {before[t]:.4f}  after {after[t]:.4f}  change {after[t] - before[t]:+.2e}")
+    for x in edits:
+        reqs = [r for r in x.info.get("requests", []) if isinstance(r, dict) and "preserve_removed" in r]
+        proj = x.info.get("preserve", {}).get("projection", [])
+        for r in reqs:
+            print(f"  {r.get('case')}: the projection removed {r['preserve_removed']:.1%} of the update's direction; "
+                  f"{r['preserve_free_share']:.1%} of the key is outside the preserved span")
+        for p in proj:
+            print(f"  layer {p['layer']}: the projection removed {p['removed']:.1%} of the update")

@@ -8,7 +8,7 @@ def add_parser(sub):
     p = sub.add_parser("eval", help="run an evaluation suite from evals/ (resumes where it stopped)")
     p.add_argument("suite", help="suite file, e.g. evals/editors_x_masks.yaml")
     p.add_argument("--out", default=None, help="results directory (default: results/<suite name>)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N cases (a quick run)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N cases (a quick run; lifelong: N edits)")
     p.add_argument("--data", default=None, help="local dataset file (instead of the suite's path or a download)")
     p.add_argument("--model", default=None, help="override the suite's model (Hugging Face id or directory)")
     p.add_argument("--no-report", action="store_true", help="only write results.jsonl")
@@ -20,8 +20,9 @@ def run(args):
     from ...evaluation.suite import load_suite
     from ...report import build_report
 
-    if _is_study(args.suite):
-        return run_study_cli(args)
+    study = _is_study(args.suite)
+    if study:
+        return run_study_cli(args, study)
     suite = load_suite(args.suite)
     if args.model:
         suite.model = args.model
@@ -35,27 +36,43 @@ def run(args):
             print(paths["summary.md"].read_text())
 
 
-def _is_study(path) -> bool:
-    """Suites with a ``study:`` field run a dedicated study (e.g. evals/granularity.yaml)."""
+def _is_study(path) -> str | None:
+    """The ``study:`` field of a suite that runs a dedicated study (e.g. evals/granularity.yaml), else None."""
     import yaml
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text()) if p.is_file() else None
     except yaml.YAMLError:
-        return False   # load_suite reports the YAML error
-    return isinstance(data, dict) and "study" in data
+        return None   # load_suite reports the YAML error
+    return str(data["study"]) if isinstance(data, dict) and "study" in data else None
 
 
-def run_study_cli(args):
-    from ...evaluation.granularity import load_study, run_study
-    from ...report.granularity import write_study_report
+def _study(name: str):
+    """(load, run, report) of the study named by a suite's ``study:`` field."""
+    if name == "lifelong":
+        from ...evaluation.lifelong import run_lifelong
+        from ...evaluation.lifelong_suite import load_lifelong
+        from ...report.lifelong import write_lifelong_report
+        return load_lifelong, run_lifelong, write_lifelong_report
+    if name == "restricted-edits":
+        from ...evaluation.granularity import load_study, run_study
+        from ...report.granularity import write_study_report
+        return load_study, run_study, write_study_report
+    from ...errors import KnoweditError
+    raise KnoweditError(f"study: {name!r} is unknown; use restricted-edits (evals/granularity.yaml) or lifelong "
+                        "(evals/lifelong.yaml), or drop the field for an ordinary suite")
 
-    st = load_study(args.suite)
+
+def run_study_cli(args, study: str = "restricted-edits"):
+    load, run_study, write_report = _study(study)
+    st = load(args.suite)
     if args.model:
         st.model = args.model
     out = Path(args.out or Path("results") / st.name)
     print(f"results: {run_study(st, out, limit=args.limit, data_path=args.data)}")
     if not args.no_report:
-        paths = write_study_report(out)
+        paths = write_report(out)
         print(paths["table.md"].read_text())
-        print(f"plot: {paths['plot.png']}")
+        for k in ("plot.png", "report.html"):
+            if k in paths:
+                print(f"{k.split('.')[0]}: {paths[k]}")
