@@ -179,3 +179,29 @@ def test_easyedit_alphaedit_hparams_load(tmp_path, tiny_llama):
     hp = load_hparams("alphaedit", tiny_llama, f)
     assert hp["nullspace_threshold"] == 0.02 and hp["L2"] == 10.0 and hp["v_lr"] == 0.1
     assert any("P_loc" in n for n in hp["_notes"])
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_batch_editors_refuse_requests_alone_and_edit_the_rest(tiny_llama, method, monkeypatch):
+    hp = dict(FAST, layers=[1], mom2_update_weight=1.0) if method == "memit" else \
+        dict(FAST, layers=[1], nullspace_threshold=2.0, L2=1.0)
+    before = hashes(tiny_llama)
+    with pytest.raises(EditRefused, match="every request of the batch was refused"):
+        edit(tiny_llama, REQS, method, dict(hp, **dict(EXACT, preserve_min_free=0.999)))
+    assert hashes(tiny_llama) == before
+    # a threshold between the two requests' free shares refuses one and edits the other
+    from knowedit.editing import memit
+    seen = {}
+    real = memit.free_share
+
+    def spy(space, K):
+        out = real(space, K)
+        seen.setdefault("shares", out.clone())
+        return out
+    monkeypatch.setattr(memit, "free_share", spy)
+    edit(tiny_llama, REQS, method, dict(hp, **EXACT)).undo()
+    lo, hi = sorted(seen["shares"].tolist())
+    e = edit(tiny_llama, REQS, method, dict(hp, **dict(EXACT, preserve_min_free=(lo + hi) / 2)))
+    assert [r["position"] for r in e.info["refused"]] == [int(seen["shares"].argmin())]
+    assert hashes(tiny_llama) != before
+    e.undo()

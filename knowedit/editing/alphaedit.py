@@ -22,7 +22,7 @@ from ..errors import KnoweditError
 from .covariance import key_stats
 from .edit import Edit
 from .fields import below_loss_layer, field, layer_list
-from .memit import MEMIT_DEFAULTS, memit_targets, preserved_solve, spread_update
+from .memit import MEMIT_DEFAULTS, memit_targets, preserve_screen, preserved_solve, spread_update
 from .preserve import preserve_settings, update_space
 from .restrict import edit_sites
 from .subspace import knowledge_null_space
@@ -81,27 +81,27 @@ def apply_alphaedit(handle, requests: list, hparams: dict, mask=None, mode: str 
         spaces[l], pinfo[l] = update_space(handle, l, n, preserve, null_basis=B)
     if targets is None:
         targets = memit_targets(handle, requests, hp)
-    labels = [r.label for r in requests]
-    removed: list = []
+    removed, refused = [], []
     d = a.d_mlp
     eye = torch.eye(d, dtype=torch.float64)
 
     def solve(layer, K, R):
         A = prior_keys(state, layer, d) + K.T @ K + l2 * eye
-        return preserved_solve(layer, spaces[layer], preserve, K, removed, A, K.T @ R, labels, "AlphaEdit",
-                               dict(sites)[layer])
+        return preserved_solve(layer, spaces[layer], preserve, K, removed, A, K.T @ R, dict(sites)[layer])
 
     def edited_keys(keys):
         return {l: (lambda K: K.T @ K)(keys(l)) for l, _ in sites}
 
-    finals, new_prior = spread_update(handle, requests, hp, sites, targets, solve,
-                                      after=edited_keys if state is not None else None)
+    finals, new_prior, kept = spread_update(
+        handle, requests, hp, sites, targets, solve, after=edited_keys if state is not None else None,
+        screen=preserve_screen(spaces, preserve, [r.label for r in requests], refused))
     meta = {"layers": [l for l, _ in sites], "neurons": {l: (None if n is None else len(n)) for l, n in sites},
             "null_space": null_info, "L2": l2, "covariance": {l: s.source for l, s in stats.items()},
             "covariance_tokens": {l: s.n_tokens for l, s in stats.items()}, "requests": targets[1], "mode": mode,
             "prior_edits": 0 if state is None else int(state.get("alphaedit_edits", 0))}
     if preserve:
         meta["preserve"] = {"tasks": preserve["tasks"], "layers": pinfo, "projection": removed}
+        meta["refused"] = refused
     if auto is not None:
         meta["auto_layers"] = auto
     e = Edit(handle, finals, "alphaedit", meta).apply()
@@ -109,5 +109,5 @@ def apply_alphaedit(handle, requests: list, hparams: dict, mask=None, mode: str 
         mem = state.setdefault(STATE_KEY, {})
         for l, kk in new_prior.items():
             mem[l] = prior_keys(state, l, d) + kk
-        state["alphaedit_edits"] = int(state.get("alphaedit_edits", 0)) + len(requests)
+        state["alphaedit_edits"] = int(state.get("alphaedit_edits", 0)) + len(kept)
     return e

@@ -19,7 +19,8 @@ from .covariance import SETTINGS_DEFAULTS, key_stats
 from .edit import Edit
 from .fields import below_loss_layer, field, layer_list
 from .keys_values import Rows, build_rows, context_weights, prefix_groups, prefixes, read_at_subject, stack_rows
-from .preserve import PRESERVE_DEFAULTS, check_free, preserve_settings, update_space
+from .errors import EditRefused
+from .preserve import PRESERVE_DEFAULTS, free_share, preserve_settings, update_space
 from .restrict import edit_sites, new_weight
 from .subspace import as_subspace, solve_in
 
@@ -70,12 +71,15 @@ def memit_targets(handle, requests: list, hparams: dict) -> tuple[list[torch.Ten
     return targets, [dict(i, case=r.label, top_layer=top) for i, r in zip(infos, requests)]
 
 
-def spread_update(handle, requests: list, hp: dict, sites: list, targets: tuple, solve, after=None) -> tuple[dict, object]:
+def spread_update(handle, requests: list, hp: dict, sites: list, targets: tuple, solve, after=None,
+                  screen=None) -> tuple[dict, object, list[int]]:
     """MEMIT's spread of z − h over ``sites`` (``[(layer, neurons)]``, increasing): for each layer, on the
     model with the lower layers already updated, K (context-averaged keys, ``[n, d_mlp]``) and
     R = (z − h) / (layers left); ``solve(layer, K, R)`` returns ΔWᵀ ``[d_mlp, d_model]``. ``after(keys)``,
     when given, runs on the fully edited model with ``keys(layer)`` → K there (AlphaEdit records the
-    edited keys). The model is restored before returning ({param name: new value}, after's result)."""
+    edited keys). ``screen(layer, K)``, when given, runs first at every layer on the model as it is and
+    returns the requests (bool ``[n]``) the update can serve; the others are left out of the batch. The
+    model is restored before returning ({param name: new value}, after's result, the kept positions)."""
     a = handle.adapter
     top = max(layer_list(hp, a.n_layers))
     weights = context_weights(prefix_groups(handle, hp), per_type=True)
@@ -101,6 +105,18 @@ def spread_update(handle, requests: list, hp: dict, sites: list, targets: tuple,
             hs.append(h.view(len(chunk), n, -1)[:, 0])
         return torch.cat(ks), torch.cat(hs)
 
+    kept = list(range(len(requests)))
+    if screen is not None:
+        ok = torch.ones(len(requests), dtype=torch.bool)
+        for layer, _ in sites:
+            ok &= screen(layer, averaged(layer)[0]).cpu()
+        kept = ok.nonzero().flatten().tolist()
+        if not kept:
+            why = "; ".join(f"{r['case']}: {r['reason']}" for r in getattr(screen, "refused", [])[:3])
+            raise EditRefused(f"every request of the batch was refused ({why}{'; ...' if len(requests) > 3 else ''}); "
+                              "preserve fewer tasks, raise preserve_threshold, or edit other layers")
+        rows = [rows[i] for i in kept]
+        targets = [targets[i] for i in kept]
     params = dict(handle.model.named_parameters())
     names = [a.name_of(a.mlp_out(l).weight) for l, _ in sites]
     originals = {n: params[n].detach().clone() for n in names}
@@ -125,16 +141,41 @@ def spread_update(handle, requests: list, hp: dict, sites: list, targets: tuple,
         with torch.no_grad():
             for n, t in originals.items():
                 params[n].copy_(t)
-    return finals, extra
+    return finals, extra, kept
+
+
+def preserve_screen(spaces: dict, preserve: dict | None, labels: list[str], refused: list):
+    """The ``screen`` of :func:`spread_update` for preserved tasks: a request whose key at some edited
+    layer lies almost wholly in the preserved span (under ``preserve_min_free`` of its norm outside it)
+    is refused alone, recorded in ``refused``, and the rest of the batch is edited. None without
+    preserved tasks."""
+    if not preserve:
+        return None
+    worst: dict[int, tuple] = {}
+
+    def screen(layer, K):
+        shares = free_share(spaces[layer], K)
+        for i, sh in enumerate(shares.tolist()):
+            if sh < preserve["min_free"] and (i not in worst or sh < worst[i][0]):
+                worst[i] = (sh, layer)
+        ok = shares >= preserve["min_free"]
+        if layer == max(spaces):
+            refused.extend({"position": i, "case": labels[i], "free_share": sh, "layer": l,
+                            "reason": f"{sh:.1%} of the key at layer {l} lies outside the span the preserved tasks "
+                                      f"use (preserve_min_free {preserve['min_free']})"}
+                           for i, (sh, l) in sorted(worst.items()))
+        return ok
+    screen.refused = refused
+    return screen
 
 
 def preserved_solve(layer: int, space, preserve: dict | None, K: torch.Tensor, infos: list, A: torch.Tensor,
-                    rhs: torch.Tensor, labels: list[str], method: str, neurons) -> torch.Tensor:
-    """``solve_in(A, rhs, space)``, and, when tasks are preserved, the refusal check on the keys and the
-    share of the unprojected update the projection removed (recorded in ``infos``)."""
+                    rhs: torch.Tensor, neurons) -> torch.Tensor:
+    """``solve_in(A, rhs, space)``, and, when tasks are preserved, how much of each key the allowed
+    directions reach and the share of the unprojected update the projection removed (in ``infos``)."""
     dWt = solve_in(A, rhs, space)
     if preserve:
-        shares = check_free(space, K, labels, preserve, method)
+        shares = free_share(space, K).tolist()
         free = solve_in(A, rhs, neurons)
         removed = float((free - as_subspace(space, A.shape[0]).project(free)).norm() / free.norm())
         infos.append({"layer": layer, "removed": removed, "free_share_min": min(shares),
@@ -163,20 +204,20 @@ def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "r
     stats = key_stats(handle, [l for l, _ in sites], hp)
     if targets is None:
         targets = memit_targets(handle, requests, hp)
-    labels = [r.label for r in requests]
-    removed: list = []
+    removed, refused = [], []
 
     def solve(layer, K, R):
         A = lam * stats[layer].mom2 + K.T @ K
-        return preserved_solve(layer, spaces[layer], preserve, K, removed, A, K.T @ R, labels, "MEMIT",
-                               dict(sites)[layer])
+        return preserved_solve(layer, spaces[layer], preserve, K, removed, A, K.T @ R, dict(sites)[layer])
 
-    finals, _ = spread_update(handle, requests, hp, sites, targets, solve)
+    finals, _, _ = spread_update(handle, requests, hp, sites, targets, solve,
+                                 screen=preserve_screen(spaces, preserve, [r.label for r in requests], refused))
     meta = {"layers": [l for l, _ in sites], "neurons": {l: (None if n is None else len(n)) for l, n in sites},
             "covariance": {l: s.source for l, s in stats.items()},
             "covariance_tokens": {l: s.n_tokens for l, s in stats.items()}, "requests": targets[1], "mode": mode}
     if preserve:
         meta["preserve"] = {"tasks": preserve["tasks"], "layers": pinfo, "projection": removed}
+        meta["refused"] = refused
     if auto is not None:
         meta["auto_layers"] = auto
     return Edit(handle, finals, "memit", meta).apply()

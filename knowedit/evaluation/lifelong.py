@@ -313,10 +313,16 @@ class EditorRun:
             self.refused.append({"at": idx[0], "cases": [r.case_id for r in reqs], "error": str(err),
                                  "type": type(err).__name__})
         else:
+            left_out = {}   # requests an editor refused alone while editing the rest of the batch
             for x in _edits_of(e):
                 for name in x.new_values:
                     self.originals.setdefault(name, x.originals[name])
-            self.applied += idx
+                left_out.update({int(r["position"]): r for r in x.info.get("refused", [])})
+            if left_out:
+                self.refused.append({"at": idx[0], "cases": [reqs[p].case_id for p in sorted(left_out)],
+                                     "error": "; ".join(r["reason"] for r in list(left_out.values())[:3]),
+                                     "type": "EditRefused"})
+            self.applied += [i for p, i in enumerate(idx) if p not in left_out]
         self.edit_seconds += time.perf_counter() - t0
 
 
