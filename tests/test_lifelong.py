@@ -183,6 +183,25 @@ def test_refused_edits_are_recorded_and_the_run_goes_on(tiny_llama, data, tmp_pa
     assert "too large" in write_lifelong_report(out)["report.html"].read_text()
 
 
+def test_requests_an_editor_refuses_inside_a_batch_are_counted_refused(tiny_llama, data, tmp_path, monkeypatch):
+    """A batch editor may refuse some requests alone (e.g. keys inside a preserved span) and edit the rest;
+    the run counts those as refused, not applied."""
+    real_apply = lifelong.apply_batch
+
+    def partial(handle, requests, *a):
+        e = real_apply(handle, requests, *a)
+        if requests[0].case_id == 2:
+            e.info["refused"] = [{"position": 1, "case": "3", "reason": "key inside the preserved span (stand-in)"}]
+        return e
+
+    monkeypatch.setattr(lifelong, "apply_batch", partial)
+    out = tmp_path / "out"
+    run_lifelong(study(data), out, handle=tiny_llama, progress=False)
+    rows = read_rows(out)
+    assert [(r["edits"], r["applied"], r["refused"]) for r in rows] == [(0, 0, 0), (2, 2, 0), (4, 3, 1), (6, 5, 1)]
+    assert rows[2]["refused_new"][0]["cases"] == [3] and "preserved span" in rows[2]["refused_new"][0]["error"]
+
+
 def test_collapse_flags():
     rules = {"perplexity_ratio": 2.0, "entropy_min": 4.0}
     assert collapse_reasons(19.9, 10.0, 6.0, rules) == []
