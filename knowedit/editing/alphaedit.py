@@ -90,7 +90,11 @@ def apply_alphaedit(handle, requests: list, hparams: dict, mask=None, mode: str 
         return preserved_solve(layer, spaces[layer], preserve, K, removed, A, K.T @ R, dict(sites)[layer])
 
     def edited_keys(keys):
-        return {l: (lambda K: K.T @ K)(keys(l)) for l, _ in sites}
+        out = {}
+        for l, _ in sites:
+            K = keys(l)
+            out[l] = K.T @ K
+        return out
 
     finals, new_prior, kept = spread_update(
         handle, requests, hp, sites, targets, solve, after=edited_keys if state is not None else None,

@@ -14,7 +14,7 @@ this solve with A + L2·I, and ΔW (I − P) = 0 holds exactly by construction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +29,6 @@ class Subspace:
     d: int
     neurons: torch.Tensor | None = None
     basis: torch.Tensor | None = None
-    info: dict = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
