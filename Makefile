@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.knowedit-installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do HF_HUB_OFFLINE=1 $(BIN)/python $$b || exit 1; done
+
+# Times the main paths on a CUDA GPU (bf16 default model and a random Llama-2-7B-shaped model);
+# prints a clear message and exits 0 where no GPU is visible.
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py --json results/gpu_check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -19,6 +19,7 @@ from typing import Iterable
 import torch
 
 from ..errors import KnoweditError
+from ..models.weights import param_device
 
 PORTS = "qkvo"
 
@@ -66,11 +67,13 @@ class ParameterMask:
 
         def mark(sl):
             p = params[sl.param]
-            m = out.setdefault(sl.param, torch.zeros(p.shape, dtype=torch.bool, device=p.device))
+            if sl.param not in out:   # where the weight computes, also when accelerate offloads it
+                out[sl.param] = torch.zeros(p.shape, dtype=torch.bool, device=param_device(self.handle.model, sl.param))
+            m = out[sl.param]
             if sl.dim is None:
                 m[...] = True
             else:
-                m.index_fill_(sl.dim, torch.tensor(sl.indices, device=p.device), True)
+                m.index_fill_(sl.dim, torch.tensor(sl.indices, device=m.device), True)
 
         for layer, h in sorted(self.units.heads):
             for sl in a.head_slices(layer, h, self.units.ports):

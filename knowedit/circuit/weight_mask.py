@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import KnoweditError
+from ..models.weights import param_device
 from .mask import MaskUnits, ParameterMask
 from .maskable import MODULE_KINDS, maskable_params
 
@@ -36,7 +37,6 @@ class WeightMask(ParameterMask):
         self.handle, self.units, self.meta, self.granularity = handle, MaskUnits(), dict(meta or {}), granularity
         inv = maskable_params(handle)
         self._inventory = {p.name: p for p in inv}
-        params = dict(handle.model.named_parameters())
         full = {}
         for p in inv:
             t = tensors.get(p.name)
@@ -45,7 +45,7 @@ class WeightMask(ParameterMask):
             elif tuple(t.shape) != p.shape:
                 raise KnoweditError(f"mask for parameter {p.name!r} has shape {tuple(t.shape)}, but the model's "
                                     f"parameter has shape {p.shape}; the mask belongs to another model")
-            full[p.name] = t.to(device=params[p.name].device, dtype=torch.bool)
+            full[p.name] = t.to(device=param_device(handle.model, p.name), dtype=torch.bool)
         unknown = sorted(set(tensors) - set(full))
         if unknown:
             raise KnoweditError(f"mask: {unknown[0]!r} is not a maskable parameter of this model "

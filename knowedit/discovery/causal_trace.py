@@ -67,7 +67,7 @@ def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
 @torch.no_grad()
 def embedding_std(handle) -> float:
     """σ of all entries of the token-embedding matrix (the default noise unit)."""
-    return float(handle.adapter.embed.weight.detach().float().std())
+    return float(handle.adapter.value(handle.adapter.embed).detach().float().std())
 
 
 @torch.no_grad()
@@ -76,7 +76,7 @@ def subject_embedding_std(handle, subjects: list[str]) -> float:
     ids = [i for s in subjects for i in handle.tokenizer(s, add_special_tokens=False)["input_ids"]]
     if not ids:
         raise KnoweditError("subjects: no tokens; give at least one non-empty subject")
-    return float(handle.adapter.embed.weight.detach()[torch.tensor(ids)].float().std())
+    return float(handle.adapter.value(handle.adapter.embed).detach()[torch.tensor(ids)].float().std())
 
 
 def locate_subject(handle, prompt: str, subject: str, where: str = "request") -> tuple[str, tuple[int, int]]:

@@ -134,5 +134,9 @@ def circuit_faithfulness(handle, circuit, task, batch_size: int = 32) -> float:
     if m.get("level") == "neuron":
         from .neuron_evaluate import NeuronEvaluator
         return NeuronEvaluator(handle, task, **common).faithfulness(circuit.neurons)
+    if m.get("level") == "latent":   # SAE latents at one site (the SAE must be attached: knowedit.sae.load_sae)
+        from .latent_circuit import LatentEvaluator
+        return LatentEvaluator(handle, task, m["site"], ablation=m.get("ablation", "patch"),
+                               batch_size=batch_size).faithfulness(circuit.nodes)
     ev = Evaluator(handle, task, candidates=m.get("candidates", "nodes"), **common)
     return ev.faithfulness(circuit.nodes)

@@ -20,7 +20,7 @@ from .attribution import gradient_pass
 def _final_scale(handle, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Per-feature multiplier of the final norm at this residual ``x`` [d], and whether it centres."""
     ln = handle.adapter.ln_final
-    w = ln.weight.detach().float()
+    w = handle.adapter.value(ln).detach().float()
     eps = getattr(ln, "variance_epsilon", None) or getattr(ln, "eps", 1e-5)
     x = x.float()
     if isinstance(ln, torch.nn.LayerNorm):
@@ -32,19 +32,23 @@ def _bias_dla(handle, dla, u: torch.Tensor, ans: int, dis: int) -> float:
     """The logit difference's share from biases: attention output biases go through the final norm
     like any output; the final norm's bias and the unembedding's add after it."""
     a = handle.adapter
-    total = sum(dla(a.o_proj(l).bias) for l in range(a.n_layers) if getattr(a.o_proj(l), "bias", None) is not None)
-    ln_bias = getattr(a.ln_final, "bias", None)
+    total = sum(dla(a.value(a.o_proj(l), "bias")) for l in range(a.n_layers) if getattr(a.o_proj(l), "bias", None) is not None)
+    ln_bias = a.value(a.ln_final, "bias")
     if ln_bias is not None:
         total += float(ln_bias.detach().float() @ (u[ans] - u[dis]))
-    ub = getattr(a.unembed, "bias", None)
+    ub = a.value(a.unembed, "bias")
     if ub is not None:
         total += float(ub[ans] - ub[dis])
     return float(total)
 
 
 def explain(handle, prompt: str, answer: str, distractor: str, corrupt: str | None = None,
-            top: int = 10, bos: bool | None = None) -> pd.DataFrame:
+            top: int = 10, bos: bool | None = None, corpus: list[list[int]] | None = None) -> pd.DataFrame:
     """Top components by |dla| and by |attribution| (the union of both top lists), one row each.
+
+    With SAEs attached to the model (:mod:`knowedit.sae`) their top latents follow, ``kind`` 'latent',
+    each with a one-line description (top-activating contexts over ``corpus``, token ids, when given);
+    see :mod:`knowedit.discovery.explain_latents`.
 
     ``attrs['dla_total']`` sums the direct attributions of every component, the embeddings and the
     biases; it equals the logit difference (up to float rounding)."""
@@ -56,7 +60,7 @@ def explain(handle, prompt: str, answer: str, distractor: str, corrupt: str | No
     with torch.no_grad(), record(handle, resid=True) as rec:
         logits = handle.last_logits(batch)
     scale, centre = _final_scale(handle, rec.resid[a.n_layers][0, last])
-    u = handle.adapter.unembed.weight.detach().float()
+    u = handle.adapter.value(handle.adapter.unembed).detach().float()
     direction = (u[ans] - u[dis]) * scale
 
     def dla(v):
@@ -99,4 +103,8 @@ def explain(handle, prompt: str, answer: str, distractor: str, corrupt: str | No
     out.attrs.update({"logit_diff": ld, "answer": answer, "distractor": distractor,
                       "reference": "corrupt prompt" if corrupt is not None else "zero ablation", "bos": handle.uses_bos(bos),
                       "dla_total": float(df.dla.sum())})
+    from ..sae.registry import attached
+    if attached(handle):   # SAE latents beside the heads and MLPs
+        from .explain_latents import latent_rows
+        out = latent_rows(handle, out, batch, ans, dis, direction, centre, corrupt, bos, top, corpus)
     return out

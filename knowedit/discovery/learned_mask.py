@@ -238,7 +238,10 @@ def learn_mask(handle, task, settings: MaskSettings | None = None, heldout=None,
             for x, l in zip(site_list, logits):
                 u = torch.rand(l.shape, generator=gen).clamp_(1e-6, 1 - 1e-6)
                 soft = torch.sigmoid((l + offset + torch.logit(u)) / tau)
-                weights[x.param] = params[x.param].detach() * x.expand(soft)
+                # the logits stay float32 (Adam's small steps would vanish in bfloat16); the soft mask
+                # enters the forward in the model's dtype (a no-op cast for a float32 model)
+                w = params[x.param].detach()
+                weights[x.param] = w * x.expand(soft).to(w.dtype)
             m = per_prompt_scores(masked_last_logits(handle, b, weights, means).float(), a, d, task.metric)
             f = (m - empty.mean()) / gap
             task_loss = torch.relu(1 - f).mean()

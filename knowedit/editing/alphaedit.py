@@ -86,6 +86,7 @@ def apply_alphaedit(handle, requests: list, hparams: dict, mask=None, mode: str 
     eye = torch.eye(d, dtype=torch.float64)
 
     def solve(layer, K, R):
+        K, R = K.to(stats[layer].mom2.device), R.to(stats[layer].mom2.device)   # solved where the statistics are
         A = prior_keys(state, layer, d) + K.T @ K + l2 * eye
         return preserved_solve(layer, spaces[layer], preserve, K, removed, A, K.T @ R, dict(sites)[layer])
 

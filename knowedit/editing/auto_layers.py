@@ -40,7 +40,7 @@ def trace_profile(handle, requests) -> dict:
     """Average MLP indirect effects per layer at the subject's last token over ``requests``."""
     from ..discovery.causal_trace import trace   # discovery is a sibling package: imported when used
 
-    key = (handle.current_fingerprint(), tuple((r.text, r.subject, r.target_true) for r in requests),
+    key = (handle.current_fingerprint(), handle.dtype, tuple((r.text, r.subject, r.target_true) for r in requests),
            TRACE_SEEDS, TRACE_NOISE, TRACE_WINDOW)
     if key not in _cache:
         per = [trace(handle, r.prompt, r.subject, r.target_true, kinds=("mlp", "mlp_window"), positions="last_subject",

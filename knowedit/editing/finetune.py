@@ -31,6 +31,8 @@ import torch
 from torch.func import functional_call
 
 from ..errors import KnoweditError
+from ..models.dtypes import at_least_float32
+from ..models.weights import offloaded_names
 from .edit import Edit
 from .ft_objectives import batch_loss, forward_kwargs, make_batch
 from .masking import check_mask_handle, check_mode, pruned_elements
@@ -105,6 +107,12 @@ def finetune(handle, requests, hparams: dict, mask=None, mode: str = "restrict",
     t0 = time.perf_counter()
     model = handle.model
     params = dict(model.named_parameters())
+    offloaded = offloaded_names(model)
+    if offloaded:
+        raise KnoweditError(f"{method}: the model keeps {len(offloaded)} weights offloaded by accelerate (e.g. "
+                            f"{offloaded[0]}); fine-tuning substitutes every weight in the forward pass and needs them "
+                            "all on a device. Load it without 'cpu'/'disk' entries in device_map, or use ROME, MEMIT "
+                            "or AlphaEdit, which edit offloaded weights")
     train = trainable_elements(handle, hparams, mask)
     zero = pruned_elements(mask) if mode == "ablate" else {}
     preserve = preserve_settings(hparams)
@@ -119,9 +127,12 @@ def finetune(handle, requests, hparams: dict, mask=None, mode: str = "restrict",
     for n in set(train) | set(zero):
         base = params[n].detach()
         bases[n] = base.masked_fill(zero[n], 0) if n in zero else base
-    vals = {n: bases[n][m].clone().requires_grad_(True) for n, m in train.items()}
+    # The trained elements' master copy is float32 whatever the model's dtype: steps of lr ~5e-4 are at or
+    # below bfloat16's spacing near typical weights and would be rounded away or coarsened. The forward and
+    # the edit get them cast to the weight's dtype (for a float32 model neither cast copies anything).
+    vals = {n: bases[n][m].to(at_least_float32(bases[n].dtype)).clone().requires_grad_(True) for n, m in train.items()}
     eps = hparams.get("norm_constraint")
-    bounds = ({n: (bases[n][m] - eps, bases[n][m] + eps) for n, m in train.items()}
+    bounds = ({n: (vals[n].detach() - eps, vals[n].detach() + eps) for n in train}
               if eps is not None and eps is not False else None)
     opt = torch.optim.Adam(list(vals.values()), lr=hparams["lr"], weight_decay=hparams["weight_decay"])
 
@@ -131,7 +142,7 @@ def finetune(handle, requests, hparams: dict, mask=None, mode: str = "restrict",
     def current() -> dict[str, torch.Tensor]:
         out = {**frozen, **bases}
         for n, m in train.items():
-            out[n] = bases[n].masked_scatter(m, vals[n])
+            out[n] = bases[n].masked_scatter(m, vals[n].to(bases[n].dtype))
         return out
 
     bs = hparams["batch_size"]

@@ -36,7 +36,8 @@ def prefix_groups(handle, hp: dict) -> list[list[str]]:
             raise KnoweditError(f"hparams: field 'context_template_length_params' holds {x!r}; "
                                 "give [length, count] pairs, e.g. [[5, 10], [10, 10]]")
         pairs.append(tuple(x))
-    key = (handle.fingerprint, tuple(pairs), seed)
+    # the dtype too: a bfloat16 copy samples other prefixes than a float32 model of the same weights
+    key = (handle.fingerprint, handle.dtype, tuple(pairs), seed)
     if key not in _prefix_cache:
         from .sampling import sample_ids
         groups = [[""]]

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import KnoweditError
+from ..models.weights import write_param
 from .batched_values import optimise_in_batches
 from .covariance import SETTINGS_DEFAULTS, key_stats
 from .edit import Edit
@@ -21,7 +22,7 @@ from .fields import below_loss_layer, field, layer_list
 from .keys_values import Rows, build_rows, context_weights, prefix_groups, prefixes, read_at_subject, stack_rows
 from .errors import EditRefused
 from .preserve import PRESERVE_DEFAULTS, free_share, preserve_settings, update_space
-from .restrict import edit_sites, new_weight
+from .restrict import edit_sites, weight_change
 from .subspace import as_subspace, solve_in
 
 _READ_CHUNK = 32   # requests per forward when reading keys and residuals
@@ -79,7 +80,7 @@ def spread_update(handle, requests: list, hp: dict, sites: list, targets: tuple,
     when given, runs on the fully edited model with ``keys(layer)`` → K there (AlphaEdit records the
     edited keys). ``screen(layer, K)``, when given, runs first at every layer on the model as it is and
     returns the requests (bool ``[n]``) the update can serve; the others are left out of the batch. The
-    model is restored before returning ({param name: new value}, after's result, the kept positions)."""
+    model is restored before returning ({param name: Change}, after's result, the kept positions)."""
     a = handle.adapter
     top = max(layer_list(hp, a.n_layers))
     weights = context_weights(prefix_groups(handle, hp), per_type=True)
@@ -117,10 +118,7 @@ def spread_update(handle, requests: list, hp: dict, sites: list, targets: tuple,
                               "preserve fewer tasks, raise preserve_threshold, or edit other layers")
         rows = [rows[i] for i in kept]
         targets = [targets[i] for i in kept]
-    params = dict(handle.model.named_parameters())
-    names = [a.name_of(a.mlp_out(l).weight) for l, _ in sites]
-    originals = {n: params[n].detach().clone() for n in names}
-    finals, extra = {}, None
+    finals, extra = {}, None   # {param name: Change}; each layer is written once, so .old is the original
     try:
         _, h0 = averaged(sites[0][0])
         z = h0 + torch.stack(targets)   # [n, d_model]
@@ -131,16 +129,14 @@ def spread_update(handle, requests: list, hp: dict, sites: list, targets: tuple,
             if not torch.isfinite(dW).all():
                 raise KnoweditError(f"the update at layer {layer} is not finite; raise the regularisation "
                                     "(mom2_update_weight for MEMIT, L2 for AlphaEdit)")
-            name, new = new_weight(handle, layer, dW, neurons)
-            with torch.no_grad():
-                params[name].copy_(new)
-            finals[name] = new
+            name, change = weight_change(handle, layer, dW, neurons)
+            write_param(handle.model, name, change.new, change.dim, change.index)
+            finals[name] = change
         if after is not None:
             extra = after(lambda layer: averaged(layer)[0])
     finally:
-        with torch.no_grad():
-            for n, t in originals.items():
-                params[n].copy_(t)
+        for n, c in finals.items():
+            write_param(handle.model, n, c.old, c.dim, c.index)
     return finals, extra, kept
 
 
@@ -207,6 +203,7 @@ def apply_memit(handle, requests: list, hparams: dict, mask=None, mode: str = "r
     removed, refused = [], []
 
     def solve(layer, K, R):
+        K, R = K.to(stats[layer].mom2.device), R.to(stats[layer].mom2.device)   # solved where the statistics are
         A = lam * stats[layer].mom2 + K.T @ K
         return preserved_solve(layer, spaces[layer], preserve, K, removed, A, K.T @ R, dict(sites)[layer])
 

@@ -11,7 +11,8 @@ whole numerical span of the collected keys (exact for them, but with fewer key d
 collected tokens it leaves nothing to edit).
 
 M is cached (float64: the span of its small eigenvalues must survive storage) under ``cache_root()/preserve/<model fingerprint>/`` per task set, prompt count, seed and
-matrix; like the covariance statistics it describes the unedited model.
+matrix (and the dtype the model runs in, when not float32); like the covariance statistics it describes
+the unedited model.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import io
 import torch
 
 from ..errors import KnoweditError
-from ..models.cache import atomic_write_bytes, cache_root
+from ..models.cache import atomic_write_bytes, cache_root, file_lock
+from .covariance import forward_tag
 from .fields import field
 from .subspace import as_subspace, build_subspace
 
@@ -57,7 +59,9 @@ def preserve_settings(hp: dict) -> dict | None:
 
 def _path(handle, s: dict, module_name: str):
     key = hashlib.sha256(f"{s['tasks']}|{s['n']}|{s['seed']}".encode()).hexdigest()[:12]
-    return cache_root() / "preserve" / handle.fingerprint / f"{'+'.join(s['tasks'])}-{key}" / f"{module_name}.pt"
+    # a model run in bfloat16 blocks the span of its own keys (see covariance.forward_tag)
+    return (cache_root() / "preserve" / handle.fingerprint / f"{'+'.join(s['tasks'])}-{key}" /
+            f"{module_name}{forward_tag(handle)}.pt")
 
 
 @torch.no_grad()
@@ -97,24 +101,36 @@ def _collect(handle, modules: dict[str, torch.nn.Module], s: dict) -> dict[str, 
 def task_key_moments(handle, modules: dict[str, torch.nn.Module], s: dict) -> dict[str, tuple[torch.Tensor, dict]]:
     """{module name: (M float64 ``[d_in, d_in]``, per-task prompt and token counts)}, cached on disk."""
     out, missing = {}, {}
-    for n, m in modules.items():
-        p = _path(handle, s, n)
-        if p.exists():
-            blob = torch.load(p, map_location="cpu", weights_only=True)
-            out[n] = (blob["moment"].double(), blob["counts"])
-        else:
-            missing[n] = m
-    if missing:
-        if handle.current_fingerprint() != handle.fingerprint:
-            raise KnoweditError("preserve: the preserved tasks' keys are read from the unedited model, but this model "
-                                "carries edits and they are not cached yet; compute them once before editing "
-                                "(any edit with the same preserve settings on the unedited model caches them)")
-        for n, (mom, counts) in _collect(handle, missing, s).items():
-            buf = io.BytesIO()
-            torch.save({"moment": mom, "counts": counts, "tasks": s["tasks"], "n": s["n"], "seed": s["seed"],
-                        "model": handle.fingerprint}, buf)
-            atomic_write_bytes(_path(handle, s, n), buf.getvalue())
-            out[n] = (mom, counts)
+
+    def read_cached(wanted: dict) -> dict:
+        left = {}
+        for n, m in wanted.items():
+            p = _path(handle, s, n)
+            if p.exists():
+                blob = torch.load(p, map_location="cpu", weights_only=True)
+                out[n] = (blob["moment"].double(), blob["counts"])
+            else:
+                left[n] = m
+        return left
+
+    missing = read_cached(modules)
+    if not missing:
+        return out
+    # The processes of a sweep want the same moments: one computes them, the others wait here, then read them.
+    folder = _path(handle, s, next(iter(missing))).parent
+    with file_lock(folder, f"waiting for another process to compute preserved-task moments in {folder}"):
+        missing = read_cached(missing)
+        if missing:
+            if not handle.is_unedited():
+                raise KnoweditError("preserve: the preserved tasks' keys are read from the unedited model, but this "
+                                    "model carries edits and they are not cached yet; compute them once before "
+                                    "editing (any edit with the same preserve settings on the unedited model caches them)")
+            for n, (mom, counts) in _collect(handle, missing, s).items():
+                buf = io.BytesIO()
+                torch.save({"moment": mom, "counts": counts, "tasks": s["tasks"], "n": s["n"], "seed": s["seed"],
+                            "model": handle.fingerprint}, buf)
+                atomic_write_bytes(_path(handle, s, n), buf.getvalue())
+                out[n] = (mom, counts)
     return out
 
 
@@ -122,7 +138,7 @@ def blocked_basis(handle, modules: dict[str, torch.nn.Module], s: dict) -> dict[
     """{module name: (orthonormal ``[d_in, r]`` basis of the preserved span, facts to record)}."""
     out, need = {}, {}
     for n, m in modules.items():
-        key = (handle.fingerprint, n, tuple(s["tasks"]), s["n"], s["seed"], s["threshold"])
+        key = (handle.fingerprint, handle.dtype, n, tuple(s["tasks"]), s["n"], s["seed"], s["threshold"])
         if key in _basis_cache:
             out[n] = _basis_cache[key]
         else:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import KnoweditError
+from ..models.weights import read_param
+from .change import Change
 from .subspace import solve_in  # noqa: F401  (the solve every editor uses lives with the subspaces)
 
 MODES = ("restrict", "ablate")
@@ -45,18 +47,31 @@ def edit_sites(handle, layers: list[int], mask, mode: str, method: str) -> list[
     return out
 
 
-def new_weight(handle, layer: int, delta_out_in: torch.Tensor, neurons: torch.Tensor | None) -> tuple[str, torch.Tensor]:
-    """The down projection's parameter name and its new value, given ΔW as ``[out, in]``.
+def weight_change(handle, layer: int, delta_out_in, neurons) -> tuple[str, Change]:
+    """The down projection's parameter name and the :class:`~.change.Change` that adds ΔW to it, ΔW
+    given as ``[out, in]``: a tensor, or a rank-one pair ``(left [out], right [in])`` (ΔW = left rightᵀ).
 
-    Only the columns of ``neurons`` (all when None) are written, so every other entry keeps its
-    exact bits (adding a float 0 would turn -0.0 into +0.0)."""
+    Only the columns of ``neurons`` (all when None) change, so every other entry keeps its exact bits
+    (adding a float 0 would turn -0.0 into +0.0), and only those columns are kept for undo."""
     mod = handle.adapter.mlp_out(layer)
-    w = mod.weight.detach()
-    new = w.clone()
-    cols = torch.arange(handle.adapter.d_mlp) if neurons is None else neurons
-    cols = cols.to(w.device)
-    if handle.adapter.out_dim(mod) == 0:   # nn.Linear [out, in]
-        new[:, cols] = (w[:, cols].double() + delta_out_in[:, cols].to(w.device)).to(w.dtype)
-    else:                                  # Conv1D [in, out]
-        new[cols] = (w[cols].double() + delta_out_in[:, cols].T.to(w.device)).to(w.dtype)
-    return handle.adapter.name_of(mod.weight), new
+    name = handle.adapter.name_of(mod.weight)
+    linear = handle.adapter.out_dim(mod) == 0          # nn.Linear [out, in]; Conv1D is [in, out]
+    dim = None if neurons is None else handle.adapter.in_dim(mod)
+    cols = None if neurons is None else torch.as_tensor(neurons, dtype=torch.long)
+    old = read_param(handle.model, name, dim, cols)
+    old = old.clone() if cols is None else old
+    if cols is not None:
+        cols = cols.to(old.device)
+    if isinstance(delta_out_in, tuple):
+        left, right = delta_out_in
+        right = right if cols is None else right[cols.to(right.device)]
+        return name, Change(dim, cols, old, factors=[(left, right) if linear else (right, left)])
+    d = delta_out_in if cols is None else delta_out_in[:, cols.to(delta_out_in.device)]
+    d = (d if linear else d.T).to(old.device)
+    return name, Change(dim, cols, old, new=(old.double() + d).to(old.dtype))
+
+
+def new_weight(handle, layer: int, delta_out_in, neurons: torch.Tensor | None) -> tuple[str, torch.Tensor]:
+    """The down projection's parameter name and its full new value (see :func:`weight_change`)."""
+    name, c = weight_change(handle, layer, delta_out_in, neurons)
+    return name, c.scatter(read_param(handle.model, name), c.new)

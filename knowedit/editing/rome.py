@@ -19,13 +19,15 @@ from __future__ import annotations
 import torch
 
 from ..errors import KnoweditError
+from ..models.weights import read_param, write_param
+from .change import Change
 from .covariance import SETTINGS_DEFAULTS, key_stats
 from .edit import Edit
 from .errors import EditRefused
 from .fields import below_loss_layer, field, layer_list
 from .keys_values import build_rows, optimise_delta, prefixes, read_at_subject
 from .preserve import PRESERVE_DEFAULTS, check_free, preserve_settings, update_space
-from .restrict import edit_sites, new_weight, solve_in
+from .restrict import edit_sites, solve_in, weight_change
 from .subspace import as_subspace
 
 VARIANTS = ("rome", "r-rome", "hybrid")
@@ -70,18 +72,20 @@ def check_hparams(hp: dict, n_layers: int) -> dict:
 
 
 def rank_one(C: torch.Tensor, k_mean: torch.Tensor, k_den: torch.Tensor, residual: torch.Tensor,
-             space) -> tuple[torch.Tensor, dict]:
-    """ΔW ``[d_model, d_mlp]`` (float64) with ΔW k_den = residual, along u = C⁻¹ k̄ restricted to
-    ``space`` (neuron indices, a :class:`~knowedit.editing.subspace.Subspace`, or None), and the
-    denominators."""
+             space) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
+    """ΔW = left rightᵀ ``[d_model, d_mlp]`` as its float64 factors, with ΔW k_den = residual, along
+    u = C⁻¹ k̄ restricted to ``space`` (neuron indices, a :class:`~knowedit.editing.subspace.Subspace`,
+    or None), and the denominators. Solved where the statistics are."""
+    k_mean, k_den, residual = (t.to(C.device, torch.float64) for t in (k_mean, k_den, residual))
     u = solve_in(C, k_mean, space)
     den, den_ref = float(u @ k_den), float(u @ k_mean)
-    return torch.outer(residual, u) / den, {"denominator": den, "denominator_mean_key": den_ref}
+    return (residual / den, u), {"denominator": den, "denominator_mean_key": den_ref}
 
 
-def variant_target(variant: str, W: torch.Tensor, k_mean: torch.Tensor, k_plain: torch.Tensor,
+def variant_target(variant: str, W: torch.Tensor | None, k_mean: torch.Tensor, k_plain: torch.Tensor,
                    delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the key the update is solved at, the change ΔW must make at that key), W as ``[out, in]``."""
+    """(the key the update is solved at, the change ΔW must make at that key), W as ``[out, in]``
+    (read by ``r-rome`` only)."""
     if variant == "rome":
         return k_plain, delta
     if variant == "r-rome":   # v* − W k̄ = (W k + δ) − W k̄ (a bias cancels)
@@ -101,38 +105,58 @@ def key_and_delta(handle, req, hp: dict, layer: int, opts: dict) -> tuple[torch.
     return k.mean(0), k[0], delta, info
 
 
-def rome_update(handle, req, layer: int, space, C: torch.Tensor, opts: dict, k_mean, k_plain, delta,
-                info: dict) -> tuple[str, torch.Tensor]:
-    """The checked rank-one update of ``opts["variant"]``: the parameter name and its new value.
-    ``space``: the neurons the update may write (None: all), or a Subspace that also keeps it off the
-    preserved tasks' keys."""
-    w = handle.adapter.weight_in_out(handle.adapter.mlp_out(layer)).detach().double().T   # [out, in]
+def _norm64(w: torch.Tensor, rows: int = 256) -> float:
+    """‖w‖_F accumulated in float64, a block of rows at a time (no float64 copy of the whole matrix)."""
+    return sum(float(b.double().square().sum()) for b in w.split(rows)) ** 0.5
+
+
+def rome_change(handle, req, layer: int, space, C: torch.Tensor, opts: dict, k_mean, k_plain, delta,
+                info: dict) -> tuple[str, Change]:
+    """The checked rank-one update of ``opts["variant"]``: the parameter name and its
+    :class:`~.change.Change` (rank-one factors). ``space``: the neurons the update may write (None:
+    all), or a Subspace that also keeps it off the preserved tasks' keys."""
+    mod = handle.adapter.mlp_out(layer)
+    name = handle.adapter.name_of(mod.weight)
+    stored = read_param(handle.model, name)
+    # a float64 copy of W (the size of a layer of a 7B model) only for the variant that multiplies by it
+    w = None
+    if opts["variant"] == "r-rome":
+        w = stored.to(k_mean.device, torch.float64)
+        w = w.T if handle.adapter.out_dim(mod) == 1 else w   # [out, in]
     k_den, residual = variant_target(opts["variant"], w, k_mean, k_plain, delta)
     sp = as_subspace(space, len(k_mean))
     if sp.basis is not None and opts.get("preserve"):
         info["preserve_free_share"] = check_free(sp, k_den, [req.label], opts["preserve"], "ROME")[0]
-        u_free = solve_in(C, k_mean, sp.neurons)   # the update's direction without the projection
+        u_free = solve_in(C, k_mean.to(C.device), sp.neurons)   # the update's direction without the projection
         info["preserve_removed"] = float((u_free - sp.project(u_free)).norm() / u_free.norm())
-    dW, den = rank_one(C, k_mean, k_den, residual, space)
-    ratio = float(dW.norm() / w.norm())
+    (left, right), den = rank_one(C, k_mean, k_den, residual, space)
+    norm = left.norm() * right.norm()   # ‖a bᵀ‖_F = ‖a‖ ‖b‖
+    ratio = float(norm / _norm64(stored))
     info.update(den, variant=opts["variant"], update_ratio=ratio)
     if den["denominator_mean_key"] <= 0 or den["denominator"] < opts["min_den"] * den["denominator_mean_key"]:
         raise EditRefused(f"{req.label}: ROME denominator uᵀk = {den['denominator']:.3g} is too small compared with "
                           f"uᵀk̄ = {den['denominator_mean_key']:.3g} (min_denominator_ratio {opts['min_den']}); the "
                           "update would disable the model. Use rome_variant 'r-rome' (the prefix-averaged key) "
                           "or another layer")
-    if not torch.isfinite(dW).all() or ratio > opts["max_update"]:
+    if not (torch.isfinite(left).all() and torch.isfinite(right).all()) or not ratio <= opts["max_update"]:
         raise EditRefused(f"{req.label}: ROME update norm ‖ΔW‖/‖W‖ = {ratio:.3g} exceeds max_update_ratio "
                           f"{opts['max_update']}; the edit would disable the model (try another layer, or more "
                           "covariance samples)")
-    return new_weight(handle, layer, dW, sp.neurons)
+    return weight_change(handle, layer, (left, right), sp.neurons)
 
 
-def compute_rome(handle, req, hp: dict, layer: int, space, C: torch.Tensor, opts: dict) -> tuple[str, torch.Tensor, dict]:
-    """New down-projection weight for one request (the model is read, not changed)."""
+def rome_update(handle, req, layer: int, space, C: torch.Tensor, opts: dict, k_mean, k_plain, delta,
+                info: dict) -> tuple[str, torch.Tensor]:
+    """:func:`rome_change` as the parameter name and its full new value."""
+    name, c = rome_change(handle, req, layer, space, C, opts, k_mean, k_plain, delta, info)
+    return name, c.scatter(read_param(handle.model, name), c.new)
+
+
+def compute_rome(handle, req, hp: dict, layer: int, space, C: torch.Tensor, opts: dict) -> tuple[str, Change, dict]:
+    """The change of the down-projection weight for one request (the model is read, not changed)."""
     k_mean, k_plain, delta, info = key_and_delta(handle, req, hp, layer, opts)
-    name, new = rome_update(handle, req, layer, space, C, opts, k_mean, k_plain, delta, info)
-    return name, new, info
+    name, change = rome_change(handle, req, layer, space, C, opts, k_mean, k_plain, delta, info)
+    return name, change, info
 
 
 def apply_rome(handle, requests: list, hparams: dict, mask=None, mode: str = "restrict") -> Edit:
@@ -149,24 +173,22 @@ def apply_rome(handle, requests: list, hparams: dict, mask=None, mode: str = "re
     space, pinfo = update_space(handle, layer, neurons, opts["preserve"])
     stats = key_stats(handle, [layer], hp)[layer]
     C = stats.regularised(opts["ridge"])
-    params = dict(handle.model.named_parameters())
-    name = handle.adapter.name_of(handle.adapter.mlp_out(layer).weight)
-    original = params[name].detach().clone()
-    infos = []
+    cov = {"covariance": stats.source, "covariance_tokens": stats.n_tokens}
+    del stats   # only C is needed from here: one d_mlp² float64 matrix, not two, while δ is optimised
+    infos, change = [], None
     try:
-        for req in requests:
-            _, new, info = compute_rome(handle, req, hp, layer, space, C, opts)
+        for req in requests:   # each request sees the previous ones applied
+            name, c, info = compute_rome(handle, req, hp, layer, space, C, opts)
             infos.append(info)
-            with torch.no_grad():
-                params[name].copy_(new)
-        final = params[name].detach().clone()
+            change = c if change is None else change.then(c)   # first, so a failed write is undone too
+            write_param(handle.model, name, c.new, c.dim, c.index)
     finally:
-        with torch.no_grad():
-            params[name].copy_(original)
-    meta = {"layer": layer, "neurons": None if neurons is None else len(neurons), "covariance": stats.source,
-            "covariance_tokens": stats.n_tokens, "variant": opts["variant"], "requests": infos, "mode": mode}
+        if change is not None:
+            write_param(handle.model, name, change.old, change.dim, change.index)
+    meta = {"layer": layer, "neurons": None if neurons is None else len(neurons), **cov,
+            "variant": opts["variant"], "requests": infos, "mode": mode}
     if pinfo is not None:
         meta["preserve"] = pinfo
     if auto is not None:
         meta["auto_layers"] = auto
-    return Edit(handle, {name: final}, "rome", meta).apply()
+    return Edit(handle, {name: change}, "rome", meta).apply()

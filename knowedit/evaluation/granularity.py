@@ -121,7 +121,8 @@ def neuron_sets(circuit: Circuit, layer: int, share: float, selection: str, d_ml
     return torch.tensor(sorted(idx), dtype=torch.long)
 
 
-def run_study(st: Study, out: Path, handle=None, limit: int | None = None, data_path=None, progress=True) -> Path:
+def run_study(st: Study, out: Path, handle=None, limit: int | None = None, data_path=None, progress=True,
+              model_kwargs: dict | None = None) -> Path:
     from ..editing.covariance import key_stats
     from ..editing.edit import Edit
     from ..editing.errors import EditRefused
@@ -129,7 +130,7 @@ def run_study(st: Study, out: Path, handle=None, limit: int | None = None, data_
     from ..editing.rome import check_hparams, key_and_delta, rome_update
     from ..models import load_model
 
-    h = handle or load_model(st.model)
+    h = handle or load_model(st.model, **(model_kwargs or {}))
     hp = load_hparams("rome", h)
     opts = check_hparams(hp, h.adapter.n_layers)
     layer = opts["layers"][0]

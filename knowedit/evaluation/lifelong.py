@@ -26,9 +26,12 @@ A restart with the same ``--out`` checks the study, the model fingerprint and th
 others from their last checkpoint. Before loading a checkpoint's weights and state it fills, from the original
 weights, what the editor computes on first use (sampled context prefixes, statistics, preserved tasks' keys:
 ``knowedit.editing.api.warm_caches``), so the continued run is bit-identical to an uninterrupted one.
+With a shard (``--shard i/n`` or a multi-process launch) a process runs whole editors: those at positions
+``i, i + n, ...`` of the study's list, since an editor's edits are sequential by nature.
 Files: see :mod:`knowedit.evaluation.lifelong_checkpoint`."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -39,6 +42,9 @@ from pathlib import Path
 import torch
 
 from ..errors import KnoweditError
+from ..editing.edit import values_before
+from ..models.cache import file_lock
+from ..models.weights import read_param, write_param
 from . import lifelong_checkpoint as ck
 from .collateral import build_task, collateral_metrics, task_scores
 from .edit_metrics import RequestEval, aggregate_cf_s, evaluate_requests
@@ -46,6 +52,7 @@ from .fluency import generate, mean_ngram_entropy
 from .lifelong_suite import LifelongSuite, checkpoint_counts
 from .perplexity import perplexity
 from .runner import _hparams, select_requests
+from .shards import Shard, check_shard_count
 
 MEAN_KEYS = ("cf_es", "cf_ps", "cf_ns", "ee_rewrite_acc", "ee_rephrase_acc", "ee_locality_acc")
 TIMING = ("seconds", "edit_seconds", "eval_seconds")   # the only row fields two identical runs may differ in
@@ -220,8 +227,8 @@ class EditorRun:
             for n, v in c["weights"].items():
                 if n not in self.params:
                     raise KnoweditError(f"{self.path}: parameter {n!r} is not in this model; pass another --out")
-                self.originals[n] = self.params[n].detach().clone()
-                self.params[n].copy_(v)
+                self.originals[n] = read_param(self.h.model, n).clone()
+                write_param(self.h.model, n, v)
         self.state = c["state"]
         if self.h.current_fingerprint() != c["fingerprint"]:
             raise KnoweditError(f"{self.path}: the weights after loading differ from those saved; delete the file "
@@ -235,7 +242,7 @@ class EditorRun:
         warm_caches(self.h, self.spec.name, copy.deepcopy(self.hp))
 
     def save(self) -> None:
-        weights = {n: self.params[n].detach().cpu().clone() for n in sorted(self.originals)}
+        weights = {n: read_param(self.h.model, n).cpu().clone() for n in sorted(self.originals)}
         ck.save_checkpoint(self.path, {
             "run": self.run_key, "editor": self.spec.label, "method": self.spec.name, "edits": self.edits,
             "done": self.done, "applied": self.applied, "refused": self.refused, "rows": self.rows,
@@ -246,7 +253,7 @@ class EditorRun:
         """Back to the original weights, bit-exactly."""
         with torch.no_grad():
             for n, v in self.originals.items():
-                self.params[n].copy_(v)
+                write_param(self.h.model, n, v)
         self.originals.clear()
 
     # ---- the run ---------------------------------------------------------------------------------
@@ -314,9 +321,9 @@ class EditorRun:
                                  "type": type(err).__name__})
         else:
             left_out = {}   # requests an editor refused alone while editing the rest of the batch
+            for name, v in values_before(_edits_of(e)).items():
+                self.originals.setdefault(name, v)
             for x in _edits_of(e):
-                for name in x.new_values:
-                    self.originals.setdefault(name, x.originals[name])
                 left_out.update({int(r["position"]): r for r in x.info.get("refused", [])})
             if left_out:
                 self.refused.append({"at": idx[0], "cases": [reqs[p].case_id for p in sorted(left_out)],
@@ -327,20 +334,23 @@ class EditorRun:
 
 
 def run_lifelong(suite: LifelongSuite, out, handle=None, limit: int | None = None, data_path=None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, shard: Shard | None = None, model_kwargs: dict | None = None) -> Path:
     """Run the lifelong study ``suite`` into ``out`` (resuming what is there); returns ``rows.jsonl``.
-    ``limit`` caps the number of edits (it is part of what a restart must match)."""
+    ``limit`` caps the number of edits (it is part of what a restart must match). ``shard`` runs only
+    that shard's editors and returns its rows file."""
     from ..editing.hparams import load_hparams
     from ..models import load_model
 
     out = Path(out)
+    shard = shard if shard is not None and shard.count > 1 else None
+    check_shard_count(ck.read_run(out), shard, out)
     if limit is not None:
         suite = replace(suite, dataset={**suite.dataset, "n": min(limit, suite.n)})
     hps = [editor_hparams(e, suite) for e in suite.editors]
     key = _suite_key(suite, hps)
     ck.verify_run(out, {"study": "lifelong", "suite": key})
-    handle = handle or load_model(suite.model)
-    if handle.current_fingerprint() != handle.fingerprint:
+    handle = handle or load_model(suite.model, **(model_kwargs or {}))
+    if not handle.is_unedited():
         raise KnoweditError(f"model {handle.name!r} is edited (its weights differ from those loaded); "
                             "undo the edits or load it again")
     ck.verify_run(out, {"model": handle.name, "model_fingerprint": handle.fingerprint})
@@ -359,26 +369,45 @@ def run_lifelong(suite: LifelongSuite, out, handle=None, limit: int | None = Non
                        "model": handle.name, "model_fingerprint": handle.fingerprint, "run_key": run_key,
                        "requests": {"n": len(requests), "digest": digest},
                        "tasks": {k: {"metric": t.metric, "n": len(t)} for k, t in tasks.items()},
-                       "checkpoints": checkpoint_counts(len(requests), suite.checkpoint_every)})
+                       "checkpoints": checkpoint_counts(len(requests), suite.checkpoint_every),
+                       **({"shards": shard.count} if shard else {})})
     if len(requests) < suite.n:
         _log(out, progress, f"note: only {len(requests)} of the {suite.n} requested records were selected "
                             "(raise dataset.scan to find more known facts)")
-    bench = _prepare(handle, suite, requests, tasks, out, run_key, progress)
+    # The shards share the unedited measurements: one computes them, the others wait and read them.
+    with file_lock(out / ck.PRE) if shard else contextlib.nullcontext():
+        bench = _prepare(handle, suite, requests, tasks, out, run_key, progress)
     rows: dict[str, list] = {}
 
     def on_checkpoint(r: EditorRun) -> None:
         rows[r.spec.label] = r.rows
-        ck.write_rows(out, [x for lab in rows for x in rows[lab]])
+        ck.write_rows(out, [x for lab in rows for x in rows[lab]], shard)
         _log(out, progress, log_line(r.rows[-1], len(requests)))
 
-    for spec, hp in zip(suite.editors, hps):
+    mine = list(zip(suite.editors, hps))
+    for spec, hp in (shard.take(mine) if shard else mine):
         r = EditorRun(handle, bench, spec, hp, out, run_key)
         try:
             rows[spec.label] = r.run(on_checkpoint)
         finally:
             r.restore()
-        if handle.current_fingerprint() != handle.fingerprint:
+        if not handle.is_unedited():
             raise KnoweditError(f"editor {spec.label!r} changed weights outside its edits; the original weights "
                                 "could not be restored")
-    ck.write_rows(out, [x for lab in rows for x in rows[lab]])
-    return out / ck.ROWS
+    ck.write_rows(out, [x for lab in rows for x in rows[lab]], shard)
+    return out / (shard.file_name(ck.ROWS) if shard else ck.ROWS)
+
+
+def is_complete(out) -> bool:
+    """Whether every editor of the run in ``out`` has reached its last edit, whatever shard ran it."""
+    meta = ck.read_run(out)
+    n = (meta.get("requests") or {}).get("n")
+    labels = [e.get("label") or e.get("name") for e in (meta.get("suite") or {}).get("editors", [])]
+    try:
+        rows = ck.read_rows(out)
+    except KnoweditError:
+        return False
+    last = {}
+    for r in rows:
+        last[r["editor"]] = max(last.get(r["editor"], 0), r["edits"])
+    return bool(labels) and n is not None and all(last.get(lab) == n for lab in labels)

@@ -6,7 +6,10 @@
   restore is bit-exact) of every parameter any edit so far changed, the editor's ``state``, the number of
   edits done, the applied and refused cases, the rows so far and the time spent.
 * ``rows.jsonl``: one JSON line per checkpoint per editor (the rows of the checkpoints), for reports.
-* ``pre.json``: the unedited model's measurements, computed once (the reference for locality)."""
+* ``pre.json``: the unedited model's measurements, computed once (the reference for locality).
+
+A run split between processes by editor writes ``rows.shard-<i>-of-<n>.jsonl`` per shard instead of
+``rows.jsonl``; :func:`read_rows` merges them."""
 from __future__ import annotations
 
 import hashlib
@@ -19,6 +22,7 @@ import torch
 
 from ..errors import KnoweditError
 from ..models.cache import atomic_write_bytes, atomic_write_text
+from .shards import Shard, merge, shard_files
 
 RUN, ROWS, PRE, PROGRESS, CKPT_DIR = "run.json", "rows.jsonl", "pre.json", "progress.log", "checkpoints"
 FORMAT = 1
@@ -90,15 +94,19 @@ def load_checkpoint(path: Path, run_key: str, device) -> dict | None:
     return ck
 
 
-def write_rows(out: Path, rows: list[dict]) -> None:
-    atomic_write_text(Path(out) / ROWS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+def write_rows(out: Path, rows: list[dict], shard: Shard | None = None) -> None:
+    name = shard.file_name(ROWS) if shard else ROWS
+    atomic_write_text(Path(out) / name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def read_rows(out: Path) -> list[dict]:
+    """The rows of ``out``: ``rows.jsonl`` and the shard files merged (each editor's checkpoint once)."""
     p = Path(out) / ROWS
-    if not p.exists():
+    files = ([(None, p)] if p.exists() else []) + shard_files(out, ROWS)
+    if not files:
         raise KnoweditError(f"{out}: no {ROWS} here; run 'knowedit eval evals/lifelong.yaml --out {out}' first")
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    parts = [(sh, [json.loads(x) for x in f.read_text().splitlines() if x.strip()]) for sh, f in files]
+    return merge(parts, group=lambda r: r["editor"], key=lambda r: (r["editor"], r["edits"]))
 
 
 def read_json(path: Path):

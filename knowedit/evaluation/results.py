@@ -1,6 +1,9 @@
 """The results file of a run: JSON lines, one record per (case, editor, condition), appended with a
 single write and fsync each, so a kill loses at most the record being written. A partial last line
-(the trace of a kill mid-write) is cut off when the file is opened again."""
+(the trace of a kill mid-write) is cut off when the file is opened again.
+
+A run split between processes has one such file per shard (``results.shard-0-of-2.jsonl``, ...);
+:func:`load_records` merges a directory's files."""
 from __future__ import annotations
 
 import json
@@ -8,6 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import KnoweditError
+from .shards import Shard, merge, shard_files
 
 RESULTS = "results.jsonl"
 
@@ -17,9 +21,9 @@ def record_key(case_id, editor: str, condition: str) -> str:
 
 
 class ResultStore:
-    def __init__(self, directory):
+    def __init__(self, directory, shard: Shard | None = None):
         self.dir = Path(directory)
-        self.path = self.dir / RESULTS
+        self.path = self.dir / (shard.file_name(RESULTS) if shard else RESULTS)
 
     def repair(self) -> int:
         """Cut a partial last line; returns the number of bytes removed."""
@@ -35,14 +39,17 @@ class ResultStore:
             os.fsync(f.fileno())
         return len(data) - keep
 
-    def load(self) -> list[dict]:
+    def load(self, repair: bool = True) -> list[dict]:
+        """The records; ``repair=False`` reads only (a partial last line, perhaps being written by a running
+        process, is skipped rather than cut)."""
         if not self.path.exists():
             return []
-        self.repair()
+        if repair:
+            self.repair()
         out = []
         with open(self.path) as f:
             for i, line in enumerate(f, 1):
-                if not line.strip():
+                if not line.strip() or not line.endswith("\n"):
                     continue
                 try:
                     out.append(json.loads(line))
@@ -64,3 +71,16 @@ class ResultStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def result_files(directory) -> list[tuple[Shard | None, Path]]:
+    """``results.jsonl`` (shard None) and the shard files in ``directory``, the ones that exist."""
+    d = Path(directory)
+    return ([(None, d / RESULTS)] if (d / RESULTS).exists() else []) + shard_files(d, RESULTS)
+
+
+def load_records(directory) -> list[dict]:
+    """Every record in ``directory``: its results file and shard files merged, each key once, in the
+    order one process would have written them. Reads only, so it is safe while shards still run."""
+    parts = [(sh, ResultStore(directory, sh).load(repair=False)) for sh, _ in result_files(directory)]
+    return merge(parts, group=lambda r: r["case_id"], key=lambda r: r["key"])

@@ -1,7 +1,11 @@
 """Run a suite: for each case the model knows, each editor and each mask condition, apply the edit,
-measure everything, undo it, and append one record. Restarting skips the records already written."""
+measure everything, undo it, and append one record. Restarting skips the records already written.
+
+With a :class:`~knowedit.evaluation.shards.Shard` the process runs every COUNT-th selected case into its
+own results file; the shards of a run share ``--out`` and its ``run.json`` (identical in every shard)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import time
@@ -10,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import KnoweditError
-from ..models.cache import atomic_write_text
+from ..models.cache import atomic_write_text, file_lock
 from .collateral import build_task, collateral_metrics, task_scores
 from .conditions import condition_circuit, load_circuit
 from .datasets import known_records, load_dataset
@@ -18,7 +22,8 @@ from .edit_metrics import evaluate_requests
 from .editors import get_editor, register_editor
 from .fluency import generate, mean_ngram_entropy
 from .perplexity import perplexity
-from .results import ResultStore, record_key
+from .results import ResultStore, load_records, record_key
+from .shards import Shard, check_shard_count
 from .suite import Suite
 
 RUN_META = "run.json"
@@ -50,15 +55,30 @@ def _gen_prompts(req, k: int) -> list[str]:
     return (req.generation_prompts or [req.text])[:k]
 
 
-def _check_meta(out: Path, meta: dict) -> None:
-    p = out / RUN_META
-    if p.exists():
-        old = json.loads(p.read_text())
-        for key in ("suite_name", "model_fingerprint"):
-            if old.get(key) != meta.get(key):
-                raise KnoweditError(f"{out}: holds results of a different run ({key} {old.get(key)!r} != "
-                                    f"{meta.get(key)!r}); use another --out directory")
-    atomic_write_text(p, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+def read_meta(out: Path) -> dict:
+    p = Path(out) / RUN_META
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _check_meta(out: Path, meta: dict, shard: Shard | None) -> None:
+    # Shards start together: the lock keeps one from writing run.json between another's check and write.
+    with file_lock(out / RUN_META) if shard else contextlib.nullcontext():
+        old = read_meta(out)
+        if old:
+            for key in ("suite_name", "model_fingerprint"):
+                if old.get(key) != meta.get(key):
+                    raise KnoweditError(f"{out}: holds results of a different run ({key} {old.get(key)!r} != "
+                                        f"{meta.get(key)!r}); use another --out directory")
+            check_shard_count(old, shard, out)
+        atomic_write_text(out / RUN_META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def is_complete(out) -> bool:
+    """Whether ``out`` holds a record for every (case, editor, condition) of its run, whatever shard wrote it."""
+    meta = read_meta(out)
+    s = meta.get("suite") or {}
+    want = meta.get("n_cases", 0) * len(s.get("editors") or []) * len(s.get("conditions") or [])
+    return bool(want) and len(load_records(out)) >= want
 
 
 def select_requests(handle, ds: dict, n: int, path, batch_size: int = 32) -> list:
@@ -70,17 +90,22 @@ def select_requests(handle, ds: dict, n: int, path, batch_size: int = 32) -> lis
     return load_dataset(ds["name"], path, n=n, offset=ds.get("offset", 0))
 
 
-def run_suite(suite: Suite, out, handle=None, limit: int | None = None, data_path=None, progress=True) -> Path:
-    """Run ``suite`` into directory ``out``; returns the results file. ``limit`` caps the cases."""
+def run_suite(suite: Suite, out, handle=None, limit: int | None = None, data_path=None, progress=True,
+              shard: Shard | None = None, model_kwargs: dict | None = None) -> Path:
+    """Run ``suite`` into directory ``out``; returns the results file. ``limit`` caps the cases (before
+    they are split); ``shard`` runs only that shard's cases, into its own file. ``model_kwargs`` go to
+    ``load_model`` (dtype, device, device_map, ...) when no ``handle`` is given."""
     from tqdm.auto import tqdm
 
     from ..models import load_model
 
     out = Path(out)
+    shard = shard if shard is not None and shard.count > 1 else None
+    check_shard_count(read_meta(out), shard, out)   # before anything is loaded or written
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(suite.seed)
     if handle is None:
-        handle = load_model(suite.model)
+        handle = load_model(suite.model, **(model_kwargs or {}))
     editors = {e.name: (_editor_fn(e), _hparams(e, suite)) for e in suite.editors}
     circuit = load_circuit(suite.resolve(suite.circuit), handle) if suite.circuit else None
     masks = {}
@@ -104,13 +129,17 @@ def run_suite(suite: Suite, out, handle=None, limit: int | None = None, data_pat
 
     tasks = {t: build_task(t, handle.tokenizer, n=suite.task_n, seed=suite.seed) for t in suite.tasks} \
         if "collateral" in suite.metrics else {}
+    # The same in every shard (no shard index): the shards of one run agree on it.
     _check_meta(out, {"suite_name": suite.name, "suite": suite.to_dict(), "model": handle.name,
-                      "model_fingerprint": handle.fingerprint,
-                      "tasks": {k: {"metric": t.metric, "n": len(t)} for k, t in tasks.items()}})
+                      "model_fingerprint": handle.fingerprint, "n_cases": len(requests),
+                      "shards": shard.count if shard else 1,
+                      "tasks": {k: {"metric": t.metric, "n": len(t)} for k, t in tasks.items()}}, shard)
 
-    store = ResultStore(out)
+    store = ResultStore(out, shard)
     done = store.done_keys()
-    jobs = [(r, e, c) for r in requests for e in editors for c in suite.conditions
+    # Split after the selection, which every shard repeats identically, so the shards partition one case list.
+    cases = shard.take(requests) if shard else requests
+    jobs = [(r, e, c) for r in cases for e in editors for c in suite.conditions
             if record_key(r.case_id, e, c) not in done]
     if not jobs:
         return store.path
@@ -126,7 +155,8 @@ def run_suite(suite: Suite, out, handle=None, limit: int | None = None, data_pat
         if "generation" in m else {}
     fp0 = handle.current_fingerprint()
 
-    bar = tqdm(jobs, desc=f"eval {suite.name}", disable=not progress, unit="edit")
+    bar = tqdm(jobs, desc=f"eval {suite.name}" + (f" [shard {shard}]" if shard else ""), disable=not progress,
+               unit="edit")
     for req, ename, cond in bar:
         bar.set_postfix_str(f"{ename}/{cond}/{req.case_id}")
         fn, hp = editors[ename]

@@ -18,9 +18,10 @@ from .hookset import HookSet
 HOWS = ("set", "add", "scale")
 
 
-def _fit(value: torch.Tensor, like: torch.Tensor, k: int, what: str) -> torch.Tensor:
-    """Broadcast a value for ``k`` neurons to ``like``'s ``[B, T, k]``: accepts ``[B, T, k]`` (a run on a
-    batch of the same size, longer T allowed), ``[T, k]`` (per-position), ``[k]`` or a scalar."""
+def fit_units(value, like: torch.Tensor, k: int, what: str, unit: str = "neurons") -> torch.Tensor:
+    """Broadcast a value for ``k`` units (neurons, SAE latents) to ``like``'s ``[B, T, k]``: accepts
+    ``[B, T, k]`` (a run on a batch of the same size, longer T allowed), ``[T, k]`` (per-position), ``[k]``
+    or a scalar."""
     B, T = like.shape[:2]
     v = torch.as_tensor(value).to(device=like.device, dtype=like.dtype)
     if v.dim() == 0:
@@ -31,8 +32,9 @@ def _fit(value: torch.Tensor, like: torch.Tensor, k: int, what: str) -> torch.Te
         return v[:T].unsqueeze(0).expand(B, T, k)
     if v.dim() == 1 and v.shape[0] == k:
         return v.view(1, 1, k).expand(B, T, k)
-    raise KnoweditError(f"value for {what}: shape {tuple(v.shape)} does not fit {k} neurons of activations "
-                        f"[B={B}, T={T}]; give [B, T, k], [T, k], [k] or a scalar")
+    raise KnoweditError(f"value for {what}: shape {tuple(v.shape)} does not fit {k} {unit} of activations "
+                        f"[B={B}, T={T}]; give [B, T, k] (from a run on a batch of the same size), [T, k], [k] "
+                        "or a scalar")
 
 
 def position_mask(positions, B: int, T: int, device) -> torch.Tensor | None:
@@ -63,7 +65,7 @@ def neuron_writes(handle, writes: Mapping[int, tuple], how: str = "set", positio
             B, T = x.shape[:2]
             i = idx.to(x.device)
             cur = x.index_select(-1, i)
-            v = _fit(value, cur, len(i), f"layer {layer}'s neurons")
+            v = fit_units(value, cur, len(i), f"layer {layer}'s neurons")
             new = v if how == "set" else cur + v if how == "add" else cur * v
             pm = position_mask(positions, B, T, x.device)
             if pm is not None:
@@ -126,7 +128,7 @@ def keep_neurons(handle, keep: Mapping[int, torch.Tensor], reference: Mapping[in
     def hook(layer, k, ref):
         def fn(mod, args):
             x = args[0]
-            r = _fit(ref, x, a.d_mlp, f"the reference of m{layer}'s neurons")
+            r = fit_units(ref, x, a.d_mlp, f"the reference of m{layer}'s neurons")
             return (torch.where(k.to(x.device), x, r),) + tuple(args[1:])
         return fn
 

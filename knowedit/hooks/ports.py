@@ -37,11 +37,11 @@ def port_weight(adapter, layer: int, port: str) -> tuple[torch.Tensor, torch.Ten
         mod = adapter.attn(layer).c_attn
         off = PORTS.index(port) * adapter.d_model
         w = adapter.weight_in_out(mod)[:, off:off + H * dh]
-        b = mod.bias[off:off + H * dh]
+        b = adapter.value(mod, "bias")[off:off + H * dh]
         heads = torch.arange(H)
     else:
         mod = getattr(adapter.attn(layer), f"{port}_proj")
-        w, b = adapter.weight_in_out(mod), mod.bias
+        w, b = adapter.weight_in_out(mod), adapter.value(mod, "bias")
         heads = torch.arange(H) if port == "q" else torch.tensor([adapter.kv_head(h) for h in range(H)])
     W = w.reshape(adapter.d_model, -1, dh).permute(1, 0, 2)[heads]
     B = None if b is None else b.reshape(-1, dh)[heads]

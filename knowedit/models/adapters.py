@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitecture
+from .weights import execution_value
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,22 @@ class Adapter:
 
     # ---- weights ---------------------------------------------------------------------------
     def name_of(self, param: torch.Tensor) -> str:
-        return self._names[id(param)]
+        n = self._names.get(id(param))
+        if n is None or self.model.get_parameter(n) is not param:
+            # accelerate's offload hooks swap an offloaded layer's Parameter objects on every forward,
+            # so the map built at load time goes stale (and an old id may now name another tensor)
+            self._names = {id(p): k for k, p in self.model.named_parameters(remove_duplicate=False)}
+            n = self._names[id(param)]
+        return n
+
+    def value(self, module: nn.Module, what: str = "weight") -> torch.Tensor | None:
+        """``module.<what>`` with its values: the parameter itself, or, while accelerate keeps it
+        offloaded (an empty ``meta`` tensor), its values read from the offload map onto the device
+        the module runs on."""
+        t = getattr(module, what, None)
+        if t is None or not t.is_meta:
+            return t
+        return execution_value(self.model, self.name_of(t))
 
     def out_dim(self, module: nn.Module) -> int:
         """The dimension of ``module.weight`` that indexes output features."""
@@ -121,7 +137,7 @@ class Adapter:
 
     def weight_in_out(self, module: nn.Module) -> torch.Tensor:
         """``module.weight`` as a view of shape ``[in, out]``, whatever the storage."""
-        w = module.weight
+        w = self.value(module)
         return w.t() if self.out_dim(module) == 0 else w
 
     def head_o_weight(self, layer: int, head: int) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """Component names shared by circuits, reports and the CLI.
 
 Nodes: ``a{L}.h{H}`` (attention head), ``m{L}`` (MLP), ``m{L}.n{i}`` (neuron i of that MLP: the down
-projection's input coordinate i, for gated MLPs the product act(gate)·up), ``emb``, ``logits``.
+projection's input coordinate i, for gated MLPs the product act(gate)·up), ``emb``, ``logits``,
+``r{L}.f{i}`` (latent i of the SAE on the residual stream after block L) and ``m{L}.f{i}`` (latent i
+of a transcoder of MLP L); a latent index is checked against the SAE where one is loaded
+(:mod:`knowedit.sae`), here only its layer.
 Edges: ``src->dst`` where the destination may name a head input port,
 ``a9.h6.q`` / ``.k`` / ``.v``; e.g. ``a5.h3->m7`` or ``a5.h3->a9.h6.q``.
 """
@@ -13,15 +16,17 @@ from dataclasses import dataclass
 from ..errors import KnoweditError
 
 _NODE = re.compile(r"^(?:a(\d+)\.h(\d+)(?:\.([qkv]))?|m(\d+)(?:\.n(\d+))?|emb|logits)$")
+_LATENT = re.compile(r"^([rm])(\d+)\.f(\d+)$")
+LATENT_KINDS = ("resid_latent", "mlp_latent")
 
 
 @dataclass(frozen=True, order=True)
 class Component:
     """One node of the computational graph. ``port`` is only set on head inputs."""
 
-    kind: str  # "head", "mlp", "neuron", "emb", "logits"
+    kind: str  # "head", "mlp", "neuron", "emb", "logits", "resid_latent", "mlp_latent"
     layer: int = -1
-    head: int = -1    # the head, or the neuron's index for kind "neuron"
+    head: int = -1    # the head, or the neuron's / latent's index
     port: str = ""
 
     @property
@@ -32,12 +37,18 @@ class Component:
             return f"m{self.layer}"
         if self.kind == "neuron":
             return f"m{self.layer}.n{self.head}"
+        if self.kind in LATENT_KINDS:
+            return f"{self.kind[0]}{self.layer}.f{self.head}"
         return self.kind
 
     @property
     def index(self) -> int:
-        """A neuron's index inside its MLP."""
+        """A neuron's index inside its MLP, or a latent's inside its SAE."""
         return self.head
+
+    @property
+    def is_latent(self) -> bool:
+        return self.kind in LATENT_KINDS
 
     def without_port(self) -> "Component":
         return Component(self.kind, self.layer, self.head) if self.port else self
@@ -50,7 +61,10 @@ class Component:
         order = {"emb": (-1, 0, 0), "logits": (10**9, 0, 0)}
         if self.kind in order:
             return order[self.kind]
-        # an MLP sorts before its own neurons (head = -1 for a whole MLP)
+        # an MLP sorts before its own neurons (head = -1 for a whole MLP); a block's residual latents
+        # come after everything inside that block
+        if self.kind in LATENT_KINDS:
+            return (self.layer, 2 if self.kind == "resid_latent" else 1, self.head)
         return (self.layer, 0 if self.kind == "head" else 1, self.head)
 
 
@@ -83,12 +97,22 @@ def neuron(layer: int, i: int) -> Component:
     return Component("neuron", layer, i)
 
 
+def latent(layer: int, i: int, site: str = "r") -> Component:
+    """Latent ``i`` of the SAE on the residual stream after block ``layer`` (``site='r'``) or of the
+    transcoder of MLP ``layer`` (``site='m'``)."""
+    return Component("resid_latent" if site == "r" else "mlp_latent", layer, i)
+
+
 def parse_node(name: str) -> Component:
+    lat = _LATENT.match(name.strip())
+    if lat:
+        return latent(int(lat.group(2)), int(lat.group(3)), lat.group(1))
     m = _NODE.match(name.strip())
     if not m:
         raise KnoweditError(
             f"component {name!r} is not a valid name; use 'a{{L}}.h{{H}}' for a head, "
-            "'m{L}' for an MLP, 'm{L}.n{i}' for one MLP neuron, 'emb' or 'logits' (e.g. 'a5.h3', 'm7', 'm7.n123')"
+            "'m{L}' for an MLP, 'm{L}.n{i}' for one MLP neuron, 'r{L}.f{i}' / 'm{L}.f{i}' for an SAE / "
+            "transcoder latent, 'emb' or 'logits' (e.g. 'a5.h3', 'm7', 'm7.n123', 'r12.f45')"
         )
     if m.group(1) is not None:
         return Component("head", int(m.group(1)), int(m.group(2)), m.group(3) or "")
@@ -119,9 +143,10 @@ def validate(item: Component | Edge | str, n_layers: int, n_heads: int, d_mlp: i
     obj = parse(item) if isinstance(item, str) else item
     nodes = [obj.src, obj.dst] if isinstance(obj, Edge) else [obj]
     for c in nodes:
-        if isinstance(obj, Edge) and c.kind == "neuron":
-            raise KnoweditError(f"edge {obj.name!r}: edges join heads, MLPs, emb and logits, not single neurons")
-        if c.kind in ("head", "mlp", "neuron") and not 0 <= c.layer < n_layers:
+        if isinstance(obj, Edge) and (c.kind == "neuron" or c.is_latent):
+            raise KnoweditError(f"edge {obj.name!r}: edges join heads, MLPs, emb and logits, not single neurons "
+                                "or SAE latents")
+        if (c.kind in ("head", "mlp", "neuron") or c.is_latent) and not 0 <= c.layer < n_layers:
             raise KnoweditError(
                 f"component {c.name!r}: layer {c.layer} is out of range; this model has layers 0..{n_layers - 1}"
             )

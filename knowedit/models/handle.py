@@ -12,6 +12,8 @@ from . import components as C
 from .adapters import Adapter, adapter_for
 from .bos import bos_prefix, uses_bos
 from .fingerprint import weight_fingerprint
+from .placement import input_device
+from .weights import state_dict_with_values
 
 
 @dataclass
@@ -44,8 +46,11 @@ class Batch:
 
 
 class ModelHandle:
-    def __init__(self, model, tokenizer, name: str, source: str | None = None):
+    def __init__(self, model, tokenizer, name: str, source: str | None = None, checkpoint=None):
+        """``checkpoint``: the local directory the weights were read from, which lets a model loaded in a
+        lower precision than its files keep the files' fingerprint (see :attr:`fingerprint`)."""
         self.model = model.eval()
+        self.checkpoint = checkpoint
         self.tokenizer = tokenizer
         self.name = name
         self.source = source or name
@@ -60,7 +65,18 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where token ids go in (the input embedding's device when the model is spread by a device map)."""
+        return input_device(self.model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored and run in."""
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def device_map(self) -> dict | None:
+        """accelerate's placement of the modules, when the model was loaded with a device map."""
+        return getattr(self.model, "hf_device_map", None)
 
     @property
     def architecture(self) -> str:
@@ -68,11 +84,28 @@ class ModelHandle:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Fingerprint of the weights as loaded; circuits found on this model record it."""
+        """The model's identity: the fingerprint of its weights as its checkpoint stores them. Circuits,
+        sampled corpora and run records carry it, so a float32 checkpoint loaded in bfloat16 is still the
+        same model (statistics, which do depend on the dtype, are kept apart by dtype)."""
+        from .fingerprint import checkpoint_fingerprint, stored_in_other_dtype
+        if self.checkpoint is not None and stored_in_other_dtype(self.model, self.checkpoint):
+            fp = checkpoint_fingerprint(self.model, self.checkpoint)
+            if fp is not None:
+                return fp
+        return self.loaded_fingerprint
+
+    @cached_property
+    def loaded_fingerprint(self) -> str:
+        """Fingerprint of the weights as loaded, in the dtype they run in."""
         return weight_fingerprint(self.model)
 
     def current_fingerprint(self) -> str:
+        """Fingerprint of the weights now (differs from :attr:`loaded_fingerprint` once edited)."""
         return weight_fingerprint(self.model)
+
+    def is_unedited(self) -> bool:
+        """Whether the weights are still exactly those loaded."""
+        return self.current_fingerprint() == self.loaded_fingerprint
 
     # ---- components -------------------------------------------------------------------------
     def component(self, name: str | C.Component | C.Edge) -> C.Component | C.Edge:
@@ -145,9 +178,12 @@ class ModelHandle:
 
     @torch.no_grad()
     def next_token_probs(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.last_logits(self.tokenize(prompts)).softmax(-1)
+        # float32 whatever the model's dtype: bfloat16 probabilities keep three significant digits
+        return self.last_logits(self.tokenize(prompts)).float().softmax(-1)
 
     def save_pretrained(self, path) -> None:
-        """Write the (possibly edited) model and tokenizer so plain transformers can load them."""
-        self.model.save_pretrained(path)
+        """Write the (possibly edited) model and tokenizer so plain transformers can load them; weights
+        that accelerate keeps offloaded are read from its CPU or disk offload map."""
+        state = state_dict_with_values(self.model)
+        self.model.save_pretrained(path, **({} if state is None else {"state_dict": state}))
         self.tokenizer.save_pretrained(path)

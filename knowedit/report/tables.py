@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..errors import KnoweditError
 from ..evaluation.edit_metrics import aggregate_cf_s
-from ..evaluation.results import ResultStore
+from ..evaluation.results import RESULTS, load_records, result_files
 
 UNEDITED = "(unedited)"
 # Column order of the aggregated view; other metrics follow alphabetically.
@@ -20,13 +20,14 @@ ORDER = ["cf_es", "cf_ps", "cf_ns", "cf_s", "cf_em", "cf_pm", "cf_nm", "cf_gen_e
 
 
 def load_results(directory) -> tuple[list[dict], dict]:
+    """The records of ``directory`` (its shard files merged, each record once) and its ``run.json``."""
     directory = Path(directory)
-    store = ResultStore(directory)
-    if not store.path.exists():
-        raise KnoweditError(f"{directory}: no {store.path.name} here; run 'knowedit eval SUITE --out {directory}' first")
+    if not result_files(directory):
+        raise KnoweditError(f"{directory}: no {RESULTS} (nor results.shard-*.jsonl) here; run "
+                            f"'knowedit eval SUITE --out {directory}' first")
     meta_p = directory / "run.json"
     meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
-    return store.load(), meta
+    return load_records(directory), meta
 
 
 def long_table(records: list[dict]) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from ..circuit import ParameterMask
 from ..editing.edit import Edit
 from ..errors import KnoweditError
 from ..hooks.attention import pattern_hooks
+from ..models.dtypes import at_least_float32
 from ..tasks.base import score
 from .candidates import head_names
 from .distil_targets import even_target, keep_kl, kl_rows, output_kl, teachers
@@ -61,7 +62,9 @@ def distil_steering(handle, task, heads, steps: int = DEFAULTS["steps"], lr: flo
     params = dict(model.named_parameters())
     train = {n: m for n, m in mask.tensors.items() if m.any()}
     frozen = {n: p.detach() for n, p in params.items()}
-    vals = {n: frozen[n][m].clone().requires_grad_(True) for n, m in train.items()}
+    # float32 master copies, as fine-tuning keeps them (knowedit.editing.finetune): bfloat16 would round Adam's steps
+    vals = {n: frozen[n][m].to(at_least_float32(frozen[n].dtype)).clone().requires_grad_(True)
+            for n, m in train.items()}
     opt = torch.optim.Adam(list(vals.values()), lr=lr)
     by_layer = defaultdict(list)
     for h in heads:
@@ -73,7 +76,7 @@ def distil_steering(handle, task, heads, steps: int = DEFAULTS["steps"], lr: flo
     def current():
         out = dict(frozen)
         for n, m in train.items():
-            out[n] = frozen[n].masked_scatter(m, vals[n])
+            out[n] = frozen[n].masked_scatter(m, vals[n].to(frozen[n].dtype))
         return out
 
     batches = []

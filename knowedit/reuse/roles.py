@@ -61,7 +61,7 @@ def _final_norm_scale(handle, resid: torch.Tensor):
     x = resid - resid.mean(-1, keepdim=True) if centred else resid
     eps = getattr(ln, "eps", getattr(ln, "variance_epsilon", 1e-5))
     scale = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
-    return centred, scale, ln.weight.detach()
+    return centred, scale, handle.adapter.value(ln).detach()
 
 
 def _repeat_stats(pattern: torch.Tensor, ids: torch.Tensor, length: int):
@@ -95,7 +95,7 @@ def head_profiles(handle, task, heads=None, batch_size: int = 16) -> pd.DataFram
     comps = handle.components(heads) if heads is not None else handle.all_heads()
     a = handle.adapter
     layers = sorted({c.layer for c in comps})
-    W_U = a.unembed.weight.detach()
+    W_U = a.value(a.unembed).detach()
     sums = {k: torch.zeros(a.n_layers, a.n_heads) for k in ("ans", "dis", "dla", "dup", "ind", "prev")}
     for i in range(0, len(task), batch_size):
         batch = handle.tokenize(task.clean[i:i + batch_size])

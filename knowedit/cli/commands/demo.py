@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import time
 
+from ..model_options import add_model_args, load_from_args
+
 
 def add_parser(sub):
     p = sub.add_parser("demo", help="run the main job on the default model (offline): circuits, edits, repair, report")
-    p.add_argument("--model", default=None, help="Hugging Face id or local directory (default: SmolLM2-135M)")
+    add_model_args(p)
     p.add_argument("--out", default="results/demo", help="results directory (replaced)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repair-n", type=int, default=40, help="Colored Objects prompts for the repair")
@@ -17,11 +19,10 @@ def run(args):
     import logging
 
     from ...demo import run_demo
-    from ...models import load_model
 
     logging.getLogger("knowedit").setLevel(logging.ERROR)  # steering announces the eager switch per call
     t0 = time.time()
-    handle = load_model(args.model)
+    handle = load_from_args(args)
     a = handle.adapter
     print(f"[1/4] model: {handle.name} ({a.family}, {a.n_layers} layers, {a.n_heads} heads / {a.n_kv_heads} KV heads, "
           f"fingerprint {handle.fingerprint})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from ..model_options import add_model_args, load_from_args
 
 TASKS = ("ioi", "colored-objects", "seq-numerals", "seq-numwords", "seq-months", "facts")
 
@@ -10,7 +11,7 @@ def add_parser(sub):
     p = sub.add_parser("discover", help="find the circuit a model uses for a task and save it as JSON")
     p.add_argument("--task", default=None, help=f"one of {', '.join(TASKS)} (or give --task-file)")
     p.add_argument("--task-file", default=None, help="JSONL with clean/corrupt/answer/distractor per line")
-    p.add_argument("--model", default=None, help="Hugging Face id or local directory (default: SmolLM2-135M)")
+    add_model_args(p)
     p.add_argument("--method", default="eap", choices=("patching", "eap", "eap-ig", "mask"),
                    help="patching (exact), eap, eap-ig (attribution), or mask: learn a mask over weights, "
                         "neurons or heads at a target --density (Ge et al.)")
@@ -118,7 +119,6 @@ def run(args):
 
     from ...discovery import discover
     from ...errors import KnoweditError
-    from ...models import load_model
 
     if args.task is None and args.task_file is None:
         raise KnoweditError("--task: give a task name or --task-file F.jsonl")
@@ -126,7 +126,7 @@ def run(args):
         if args.density is None or not 0 < args.density < 1:
             raise KnoweditError(f"--density: {args.density} is not allowed; --method mask needs a share strictly "
                                 "between 0 and 1, e.g. --density 0.1")
-    handle = load_model(args.model)
+    handle = load_from_args(args)
     if args.heldout < 0:
         raise KnoweditError(f"--heldout: {args.heldout} must be 0 or a number of prompts")
     if args.level == "neuron" and args.method == "patching":

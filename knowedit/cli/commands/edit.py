@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ...errors import KnoweditError
 from ...tasks.datafile import read_json_or_lines
+from ..model_options import add_model_args, load_from_args
 
 PROB_NOTE = ("P(x) = probability of the whole target x given the prompt (teacher-forced product over its "
              "tokens, target tokenised with a leading space); 'new' = target_new, 'true' = target_true.")
@@ -16,7 +17,7 @@ PROB_NOTE = ("P(x) = probability of the whole target x given the prompt (teacher
 def add_parser(sub):
     p = sub.add_parser("edit", help="edit facts in a model (ROME, MEMIT, AlphaEdit, FT-L, FT-M), optionally inside a "
                                     "circuit or keeping circuit tasks untouched")
-    p.add_argument("--model", default=None, help="Hugging Face id or local directory (default: SmolLM2-135M)")
+    add_model_args(p)
     p.add_argument("--editor", required=True, choices=["rome", "memit", "alphaedit", "ft-l", "ft-m"])
     p.add_argument("--requests", required=True, help="JSON list (or JSONL) of requests, CounterFact/EasyEdit or ROME format")
     p.add_argument("--hparams", default=None, help="YAML/JSON hyperparameters (EasyEdit's files work) over editors/<editor>/<model>.yaml")
@@ -72,14 +73,13 @@ def run(args):
     from ...editing import edit, editor, read_requests
     from ...editing.masking import describe_conditions, format_conditions, mask_conditions
     from ...editing.probes import sequence_probs
-    from ...models import load_model
 
     editor(args.editor)  # an editor missing from this installation fails before the model loads
     save = _check_save_dir(args.save)
     reqs = read_requests(read_request_file(args.requests))
     if args.circuit is None and (args.mode != "restrict" or args.mask != "circuit"):
         raise KnoweditError("--mode/--mask need --circuit")
-    handle = load_model(args.model)
+    handle = load_from_args(args)
     print(f"model: {handle.name} ({handle.adapter.family}, {handle.adapter.n_layers} layers)  editor: {args.editor}")
     mask = None
     if args.circuit:

@@ -6,13 +6,14 @@ from pathlib import Path
 
 from ...errors import KnoweditError
 from .edit import _check_save_dir
+from ..model_options import add_model_args, load_from_args
 
 
 def add_parser(sub):
     p = sub.add_parser("repair", help="repair a task by steering heads it shares with another (Merullo et al. 2024)")
     p.add_argument("--source", default="ioi", help="task whose circuit lends the heads (default ioi)")
     p.add_argument("--target", default="colored-objects", help="task to repair (default colored-objects)")
-    p.add_argument("--model", default=None, help="Hugging Face id or local directory (default: SmolLM2-135M)")
+    add_model_args(p)
     p.add_argument("--heads", default=None, help="comma-separated heads to steer, e.g. a12.h3,a13.h4 (default: chosen)")
     p.add_argument("--source-circuit", default=None, help="the source task's circuit JSON (default: its top heads "
                    "by attention + |DLA|)")
@@ -45,7 +46,6 @@ def run(args):
     from tqdm.auto import tqdm
 
     from ...circuit import Circuit
-    from ...models import load_model
     from ...reuse import PRESETS, repair
 
     if args.save and not args.persistent:
@@ -72,7 +72,7 @@ def run(args):
             raise KnoweditError(f"--{role}-circuit: {path} does not exist; write it with "
                                 f"`knowedit discover --task {getattr(args, role)} --out {path}`")
     t0 = time.time()
-    handle = load_model(args.model)
+    handle = load_from_args(args)
     circuits = {}
     for role in ("source", "target"):
         path = getattr(args, f"{role}_circuit")

@@ -5,7 +5,7 @@ from __future__ import annotations
 def add_parser(sub):
     p = sub.add_parser("report", help="rebuild tables and report.html from a results directory")
     p.add_argument("results", help="directory holding results.jsonl, or a lifelong run's rows.jsonl "
-                                   "(from knowedit eval)")
+                                   "(from knowedit eval; the files of a run split with --shard are merged)")
     p.add_argument("--out", default=None, help="where to write tables/ and report.html (default: RESULTS)")
     p.add_argument("--title", default=None)
     return p

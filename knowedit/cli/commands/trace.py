@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ...errors import KnoweditError
 from ...tasks.datafile import read_json_or_lines
+from ..model_options import add_model_args, load_from_args
 
 
 def add_parser(sub):
@@ -16,7 +17,7 @@ def add_parser(sub):
     p.add_argument("--requests", required=True,
                    help="JSON list (or JSONL) of facts: prompt, subject and optionally the answer (edit-request "
                         "formats and ROME's known-facts file work); without an answer the model's prediction is traced")
-    p.add_argument("--model", default=None, help="Hugging Face id or local directory (default: SmolLM2-135M)")
+    add_model_args(p)
     p.add_argument("--out", required=True, help="directory for per-fact JSON + PNG, summary.json and index.html")
     p.add_argument("--seeds", type=int, default=5, help="noise samples per fact (ROME: 10; default 5)")
     p.add_argument("--window", type=int, default=10, help="layers restored together in the windowed MLP/attention "
@@ -50,14 +51,13 @@ def run(args):
     from ...discovery.causal_trace import TraceResult, locate_subject, trace
     from ...discovery.trace_requests import read_trace_requests
     from ...discovery.trace_summary import aggregate, last_subject_profile
-    from ...models import load_model
     from ...models.cache import atomic_write_bytes, atomic_write_text
     from ...report.traces import trace_png, write_trace_page
 
     _check(args)
     data = read_json_or_lines(args.requests, "--requests", "give a JSON list or JSON lines of facts")
     reqs = read_trace_requests(data)
-    handle = load_model(args.model)
+    handle = load_from_args(args)
     n_layers = handle.adapter.n_layers
     if args.window > n_layers:
         raise KnoweditError(f"--window: {args.window} is more than the model's {n_layers} layers")
