@@ -173,3 +173,13 @@ def test_a_killed_run_resumes_to_the_same_sae(tiny_llama, tmp_path):
     assert info["resumed_at_step"] == 16
     for a, b in zip(_sae_tensors(whole), _sae_tensors(resumed)):
         assert torch.equal(a, b)
+
+
+def test_muon_trains_and_bad_loop_settings_are_refused(tiny_gpt2):
+    sae, info = train_sae(tiny_gpt2, "r1", _ids(10), k=4, expansion=2, tokens=640, ctx_len=32, batch_size=4,
+                          optimizer="muon", quiet=True)
+    assert info["optimizer"] == "muon" and torch.isfinite(sae.W_dec).all()
+    for bad, match in ((dict(optimizer="sgd"), "optimizer"), (dict(shuffle="random"), "shuffle"),
+                       (dict(activations="disk"), "activations"), (dict(tokens=0), "tokens")):
+        with pytest.raises(KnoweditError, match=match):
+            train_sae(tiny_gpt2, "r1", _ids(4), **bad)

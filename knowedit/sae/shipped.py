@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..errors import KnoweditError
 
-SHIPPED_COMMAND = "knowedit sae train --hookpoint layers.22 --expansion 8 --k 32 --tokens 3000000 --out data/sae/smollm2-135m"
+SHIPPED_COMMAND = ("knowedit sae train --hookpoint layers.22 --expansion 8 --k 32 --tokens 3000000 --optimizer adam "
+                   "--lr 2e-3 --auxk-alpha 0.03125 --out data/sae/smollm2-135m")
 
 
 def shipped_root() -> Path | None:

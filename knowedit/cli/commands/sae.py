@@ -42,7 +42,10 @@ def add_parser(sub):
                    help="rows per optimiser step (with --shuffle tokens: batch-size x ctx-len tokens per step)")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: sparsify's, scaled by width)")
     t.add_argument("--optimizer", default="signum", choices=("signum", "adam", "muon"),
-                   help="sparsify's optimizers (default signum: SignSGD with schedule-free averaging)")
+                   help="sparsify's optimizers (default signum: SignSGD with schedule-free averaging, sparsify's "
+                        "default). With small batches on a ~100k-token corpus, adam trains far better: on SmolLM2-135M "
+                        "layers.22 (expansion 8, k 32, 3M tokens) signum's averaged weights reached FVE 0.65 with 35%% "
+                        "dead latents, adam with --lr 2e-3 --auxk-alpha 0.03125 FVE 0.82 with 0.2%% dead")
     t.add_argument("--auxk-alpha", type=float, default=0.0, help="weight of sparsify's AuxK loss for dead latents")
     t.add_argument("--dead-after", type=int, default=None,
                    help="a latent is dead after this many training tokens without firing (AuxK and progress; "
