@@ -46,6 +46,18 @@ class Killed(BaseException):
     """Stands for SIGKILL: not an Exception, so nothing in the runner may swallow it."""
 
 
+def same(a, b) -> bool:
+    """Equal records, floats to 1e-5 relative: processes running another number of threads sum
+    float32 products in another order, which moves the last bits."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or abs(a - b) <= 1e-5 * max(abs(a), abs(b)) + 1e-12
+    return a == b
+
+
 def untimed(records):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
@@ -104,7 +116,7 @@ def test_sequential_shards_merge_to_the_one_process_records(world, tmp_path, cap
     assert not (out / "report.html").exists() and (out / "results.shard-0-of-2.jsonl").exists()
     assert main(argv + ["--shard", "1/2"]) == 0            # the last one in writes the report, from both files
     assert (out / "report.html").exists() and not (out / "results.jsonl").exists()
-    assert untimed(load_records(out)) == world.ref
+    assert same(untimed(load_records(out)), world.ref)
     summary = (out / "tables" / "summary.csv").read_text().splitlines()
     assert [line.split(",")[2] for line in summary[2:]] == [str(len(RECORDS))] * 2   # n per condition
     meta = json.loads((out / "run.json").read_text())
@@ -138,7 +150,7 @@ def test_two_processes_over_gloo_merge_to_the_one_process_records(world, tmp_pat
     run_two(_gloo_worker, str(tmp_path / "store"), ["eval", str(world.suite_file), "--out", str(out), "--no-report"])
     assert sorted(p.name for p in out.glob("results*.jsonl")) == ["results.shard-0-of-2.jsonl",
                                                                   "results.shard-1-of-2.jsonl"]
-    assert untimed(load_records(out)) == world.ref
+    assert same(untimed(load_records(out)), world.ref)
 
 
 # (d) ------------------------------------------------------------------------------------------
@@ -169,7 +181,7 @@ def test_a_killed_shard_resumes_its_own_file(world, tmp_path):
         run_suite(suite, out, handle=world.handle, progress=False, shard=Shard(1, 2))
     finally:
         unregister_editor("nudge")
-    assert untimed(load_records(out)) == world.ref
+    assert same(untimed(load_records(out)), world.ref)
 
 
 # lifelong studies split by editor ----------------------------------------------------------------
